@@ -1,0 +1,1 @@
+"""Triton kernels of ipl-layers, one folder per op family (installed as `ipl_layers.kernels`)."""

@@ -1,0 +1,1 @@
+"""Shared kernel machinery: the autotune wrapper, the compile registry, launch helpers."""

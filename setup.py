@@ -1,0 +1,77 @@
+"""Build of ipl-layers.
+
+`kernels/` and `models/` are mapped into the `ipl_layers` namespace (`package_dir`), so nothing generic
+lands at the top of site-packages. The C++ CPU extension `ipl_layers._C` is built from `csrc/cpu` when a
+C++ compiler and torch are present; without them the package installs pure-Python and every op falls
+back to its torch path. Install with `pip install --no-build-isolation -e .` after torch is installed,
+so pip does not fetch a torch of its own into an isolated build environment.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+PACKAGES = {
+    "ipl_layers": "ipl_layers",
+    "ipl_layers.ops": "ipl_layers/ops",
+    "ipl_layers.layers": "ipl_layers/layers",
+    "ipl_layers.kernels": "kernels",
+    "ipl_layers.kernels.common": "kernels/common",
+    "ipl_layers.kernels.linear_attn": "kernels/linear_attn",
+    "ipl_layers.kernels.conv": "kernels/conv",
+    "ipl_layers.models": "models",
+}
+
+
+def cpu_extension():
+    """The optional C++ extension, or None when it cannot be built here."""
+    if os.environ.get("IPL_NO_EXT") == "1":
+        return None, {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("ipl-layers: torch not importable at build time; installing without the C++ extension", file=sys.stderr)
+        return None, {}
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        print("ipl-layers: no C++ compiler; installing without the C++ extension", file=sys.stderr)
+        return None, {}
+    sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    if not sources:
+        return None, {}
+    ext = CppExtension(
+        "ipl_layers._C",
+        sources,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+    return ext, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext, cmdclass = cpu_extension()
+
+setup(
+    name="ipl-layers",
+    version="0.1.0",
+    description="Triton and CUDA kernels for in-parameter learning layers",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; sys_platform == 'linux'",
+        "einops",
+        "transformers",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "bench": ["flash-linear-attention", "titans-pytorch", "product-key-memory", "matplotlib"],
+        "gpu": ["flash-attn"],
+    },
+    ext_modules=[ext] if ext is not None else [],
+    cmdclass=cmdclass,
+)
