@@ -34,7 +34,10 @@ def _check_inputs(q, k, v, g, initial_state, cu_seqlens, chunk_size):
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
     if g is not None:
-        check_tensor("g", g, g.dim() if g.dim() in (3, 4) else 3, "B, T, H] or [B, T, H, K", like=q)
+        if not isinstance(g, torch.Tensor) or g.dim() not in (3, 4):
+            got = f"shape {list(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__
+            raise ValueError(f"g: expected [B, T, H] (scalar log-decay) or [B, T, H, K] (per-key), got {got}")
+        check_tensor("g", g, g.dim(), "B, T, H, *", like=q)
         expected = (B, T, H) if g.dim() == 3 else (B, T, H, K)
         check_shape("g", g, expected, "B, T, H" if g.dim() == 3 else "B, T, H, K")
     N = check_cu_seqlens(cu_seqlens, B, T, q.device)
