@@ -1,0 +1,7 @@
+"""nn.Modules: projections, gates, short convolutions and norms around one op call."""
+
+from ipl_layers.layers.conv import ShortConvolution
+from ipl_layers.layers.linear_attention import GatedLinearAttention, LinearAttention
+from ipl_layers.layers.norm import GatedRMSNorm, RMSNorm
+
+__all__ = ["GatedLinearAttention", "GatedRMSNorm", "LinearAttention", "RMSNorm", "ShortConvolution"]

@@ -1,0 +1,162 @@
+"""`FastWeightCache`: the states a model carries from one call to the next, one dict per layer.
+
+In-parameter-learning layers learn while they read: their fast weights (a linear-attention state
+[N, H, K, V], short-conv histories [N, D, W-1], ...) are the memory of everything seen so far. The cache
+holds them per layer index so that they can be carried across calls (prefill, then decode), and audited:
+
+    cache = FastWeightCache()
+    o, _, cache = layer(x, use_cache=True, past_key_values=cache)   # the layer stores its states
+    before = cache.snapshot()                                       # deep, detached copy
+    o, _, cache = layer(y, use_cache=True, past_key_values=cache)   # learns from y
+    cache.restore(before)                                           # roll the learning back
+    cache.save("memory.safetensors"); FastWeightCache().load("memory.safetensors")
+    cache.reset()                                                   # forget everything
+
+Layer `i` holds a dict of named states, each a tensor or a tuple of tensors with the batch (or sequence)
+first, plus "seen_tokens", the number of token positions it has processed (padding included, as
+`transformers` counts the columns of the attention mask). The linear-attention layers store
+"recurrent_state" (fp32 [N, H, K, V]) and, with short convolutions, "conv_state" (the (q, k, v) states).
+
+The class is standalone, not a `transformers.cache_utils.Cache`: that base class (transformers 5.x) is a
+list of key/value `CacheLayerMixin` objects whose `update(key_states, value_states, layer_idx)` cannot hold
+arbitrary named states. `generate()` only needs what is here: `get_seq_length`, `is_compileable` (False,
+so the 2-D padding mask reaches the layers untouched) and `reorder_cache` for beam search.
+"""
+
+import json
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+
+State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+_FORMAT = "ipl_layers.FastWeightCache/1"
+
+
+def _map(value: State, fn) -> State:
+    """Applies `fn` to a state tensor, or to every tensor of a tuple state."""
+    return tuple(fn(t) for t in value) if isinstance(value, tuple) else fn(value)
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
+
+
+class FastWeightCache:
+    """Per-layer fast-weight states, carried across calls; see the module docstring."""
+
+    # Tells `generate()` not to build 4-D causal masks for us: the layers take the 2-D padding mask.
+    is_compileable = False
+
+    def __init__(self):
+        self._layers: List[Dict[str, object]] = []
+
+    def __len__(self) -> int:
+        """One more than the highest layer index that has been updated (flash-linear-attention's convention)."""
+        return len(self._layers)
+
+    def __getitem__(self, layer_idx: int) -> Dict[str, object]:
+        """The dict of layer `layer_idx`'s states (empty for a layer below len(self) that never stored any)."""
+        return self._layers[layer_idx]
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{i}: {sorted(k for k in d if k != 'seen_tokens')}" for i, d in enumerate(self._layers))
+        return f"FastWeightCache({{{layers}}})"
+
+    def update(self, layer_idx: int, *, offset: int, **states: Optional[State]) -> Dict[str, object]:
+        """Stores the given states of layer `layer_idx` (replacing earlier ones; None values are skipped)
+        and advances its "seen_tokens" by `offset`, the number of token positions just processed."""
+        if not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"layer_idx: expected a non-negative int, got {layer_idx!r}")
+        if "seen_tokens" in states:
+            raise ValueError("update: 'seen_tokens' is advanced through `offset`, not set as a state")
+        while len(self._layers) <= layer_idx:
+            self._layers.append({})
+        layer = self._layers[layer_idx]
+        for name, value in states.items():
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = tuple(value)
+            tensors = value if isinstance(value, tuple) else (value,)
+            if not all(isinstance(t, torch.Tensor) for t in tensors):
+                raise TypeError(f"update: state {name!r} must be a tensor or a tuple of tensors")
+            layer[name] = value
+        layer["seen_tokens"] = int(layer.get("seen_tokens", 0)) + int(offset)
+        return layer
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Token positions processed by layer `layer_idx` (0 before its first update)."""
+        if layer_idx >= len(self._layers):
+            return 0
+        return int(self._layers[layer_idx].get("seen_tokens", 0))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Selects rows of every state along the batch dim (beam search)."""
+        for layer in self._layers:
+            for name, value in layer.items():
+                if name != "seen_tokens":
+                    layer[name] = _map(value, lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def snapshot(self) -> "FastWeightCache":
+        """A deep copy whose tensors are detached clones: later updates of this cache leave it unchanged."""
+        copy = FastWeightCache()
+        copy._layers = [
+            {name: (value if name == "seen_tokens" else _map(value, _copy)) for name, value in layer.items()}
+            for layer in self._layers
+        ]
+        return copy
+
+    def restore(self, snapshot: "FastWeightCache") -> "FastWeightCache":
+        """Puts this cache back to `snapshot`'s states (copied, so the snapshot can be restored again)."""
+        if not isinstance(snapshot, FastWeightCache):
+            raise TypeError(f"restore: expected a FastWeightCache (from snapshot()), got {type(snapshot).__name__}")
+        self._layers = snapshot.snapshot()._layers
+        return self
+
+    def reset(self) -> "FastWeightCache":
+        """Forgets every state: the next call starts from scratch, as with a fresh cache."""
+        self._layers = []
+        return self
+
+    def save(self, path: str):
+        """Writes every state to a safetensors file; the layout and "seen_tokens" go in its metadata."""
+        from safetensors.torch import save_file
+
+        tensors: Dict[str, torch.Tensor] = {}
+        layout = []
+        for i, layer in enumerate(self._layers):
+            entry = {"seen_tokens": layer.get("seen_tokens"), "states": {}}
+            for name, value in layer.items():
+                if name == "seen_tokens":
+                    continue
+                if isinstance(value, tuple):
+                    entry["states"][name] = len(value)
+                    tensors.update({f"{i}.{name}.{j}": _copy(t).contiguous() for j, t in enumerate(value)})
+                else:
+                    entry["states"][name] = None
+                    tensors[f"{i}.{name}"] = _copy(value).contiguous()
+            layout.append(entry)
+        save_file(tensors, path, metadata={"format": _FORMAT, "layout": json.dumps(layout)})
+
+    def load(self, path: str, device: Union[str, torch.device] = "cpu") -> "FastWeightCache":
+        """Replaces this cache's states with those saved at `path` (by `save`), on `device`."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != _FORMAT:
+                raise ValueError(f"load: {path} is not a saved FastWeightCache (format {metadata.get('format')!r})")
+            layers = []
+            for i, entry in enumerate(json.loads(metadata["layout"])):
+                layer: Dict[str, object] = {}
+                for name, count in entry["states"].items():
+                    if count is None:
+                        layer[name] = f.get_tensor(f"{i}.{name}")
+                    else:
+                        layer[name] = tuple(f.get_tensor(f"{i}.{name}.{j}") for j in range(count))
+                if entry["seen_tokens"] is not None:
+                    layer["seen_tokens"] = entry["seen_tokens"]
+                layers.append(layer)
+        self._layers = layers
+        return self
