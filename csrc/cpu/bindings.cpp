@@ -1,0 +1,12 @@
+// Python module ipl_layers._C: the CPU ops, called through ipl_layers/_ext.py.
+#include <torch/extension.h>
+
+#include "cpu/ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ipl-layers C++ CPU ops";
+  m.def("linear_attention_step", &ipl::linear_attention_step,
+        "One linear-attention decoding step: (o [B, H, V] fp32, new_state [B, H, K, V] fp32)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("g"), py::arg("state"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,51 @@
+"""The compiled C++ extension `ipl_layers._C`, when it was built at install (setup.py, csrc/cpu).
+
+Without a C++ compiler at install time the package has no `_C`; `available()` says so and the ops
+raise an error naming the fix instead of an ImportError from deep inside a call.
+"""
+
+from typing import Optional, Tuple
+
+import torch  # loads libtorch, whose symbols _C links against
+
+try:
+    from ipl_layers import _C
+except ImportError as e:
+    _C = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+else:
+    _IMPORT_ERROR = ""
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def _require():
+    if _C is None:
+        raise RuntimeError(
+            "ipl_layers._C (the C++ extension) was not built or does not load "
+            f"({_IMPORT_ERROR}); build it with `pip install --no-build-isolation -e .` on a machine with a "
+            "C++ compiler (unset IPL_NO_EXT)"
+        )
+    return _C
+
+
+def linear_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor],
+    state: torch.Tensor,
+    scale: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One linear-attention decoding step on CPU (csrc/common/linear_attn_step.h).
+
+    q, k [B, H, K]; v [B, H, V]; g None, [B, H] (scalar) or [B, H, K] (per-key) log-decay;
+    state [B, H, K, V] fp32. `scale` defaults to K ** -0.5.
+    Returns (o [B, H, V] fp32, new_state [B, H, K, V] fp32) with new_state = D state + k^T v and
+    o = scale * q new_state; `state` is left unchanged.
+    """
+    ext = _require()
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return ext.linear_attention_step(q, k, v, g, state, scale)
