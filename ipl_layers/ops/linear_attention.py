@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ipl_layers import _ext
 from ipl_layers._checks import check_cu_seqlens, check_shape, check_tensor
 from ipl_layers.backend import resolve_backend
 from ipl_layers.ops import linear_attention_chunk as chunk
@@ -138,6 +139,26 @@ def _linear_attention_torch(q, k, v, g, scale, initial_state, output_final_state
     return unpad(o), final
 
 
+def _uses_cpu_step(q, k, v, g, initial_state, cu_seqlens) -> bool:
+    """Decoding on CPU without autograd: one token per sequence from a state goes to the C++ step."""
+    tensors = [x for x in (q, k, v, g, initial_state) if x is not None]
+    return (
+        q.shape[1] == 1
+        and cu_seqlens is None
+        and initial_state is not None
+        and q.device.type == "cpu"
+        and q.dtype != torch.float64
+        and _ext.available()
+        and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+    )
+
+
+def _linear_attention_cpu_step(q, k, v, g, scale, initial_state, output_final_state):
+    step_g = None if g is None else g[:, 0]  # [B, H] or [B, H, K]
+    o, final = _ext.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], step_g, initial_state.float(), scale)
+    return o[:, None].to(v.dtype), (final if output_final_state else None)
+
+
 def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -160,7 +181,8 @@ def linear_attention(
         output_final_state: also return the state after the last token, fp32 [N, H, K, V].
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
         chunk_size: chunk length of the chunked paths.
-        backend: "torch" (chunked, the CPU path), "triton" (chunked kernels, or the fused recurrent
+        backend: "torch" (chunked, the CPU path; a single decoding step without autograd runs the C++
+            extension's fused step when it is built), "triton" (chunked kernels, or the fused recurrent
             kernel when T < chunk_size), "triton_chunk", "triton_recurrent", or "reference".
             Default: `IPL_BACKEND`, else "triton" on CUDA and "torch" elsewhere.
 
@@ -176,6 +198,8 @@ def linear_attention(
             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
     if name == "torch":
+        if _uses_cpu_step(q, k, v, g, initial_state, cu_seqlens):
+            return _linear_attention_cpu_step(q, k, v, g, scale, initial_state, output_final_state)
         return _linear_attention_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     recurrent = name == "triton_recurrent" or (name == "triton" and q.shape[1] < chunk_size)
     return LinearAttentionTritonFunction.apply(

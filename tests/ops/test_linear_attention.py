@@ -133,6 +133,22 @@ def test_bf16_inputs_as_accurate_as_rounding(g_form):
         assert_rel_rms(name, got[name], ref[name], 2 * floor)
 
 
+@pytest.mark.parametrize("g_form", G_FORMS)
+def test_cpu_decode_step_uses_the_extension(g_form, monkeypatch):
+    import ipl_layers._ext as ext
+
+    calls = []
+    step = ext.linear_attention_step
+    monkeypatch.setattr(ext, "linear_attention_step", lambda *a: calls.append(1) or step(*a))
+    inputs, cu = make_inputs(3, 1, 2, 16, 8, g_form, True, torch.float32)
+    with torch.no_grad():
+        o, final = linear_attention(*inputs[:4], initial_state=inputs[4], output_final_state=True, backend="torch")
+    assert calls == [1], "a no-grad single decoding step on CPU must run the C++ extension"
+    ref = reference(inputs, cu)
+    assert_rel_rms("o", o, ref["o"], BOUND_F32)
+    assert_rel_rms("final_state", final, ref["final_state"], BOUND_F32)
+
+
 def test_long_sequence_strong_decay_is_finite():
     T = 65536
     q, k, v = (torch.randn(1, T, 1, 8) for _ in range(3))
