@@ -19,7 +19,7 @@ G_FORMS = ("none", "scalar", "key")
 TRITON_BACKENDS = ("triton_chunk", "triton_recurrent")
 
 
-def make_inputs(B, T, H, K, V, g_form, h0, dtype, lengths=None, decay=1.0, seed=0):
+def make_inputs(B, T, H, K, V, g_form, h0, dtype, lengths=None, decay=1.0, seed=0, g_range=None):
     gen = torch.Generator().manual_seed(seed)
     Bq = 1 if lengths is not None else B
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
@@ -29,6 +29,8 @@ def make_inputs(B, T, H, K, V, g_form, h0, dtype, lengths=None, decay=1.0, seed=
         g = F.logsigmoid(rnd(Bq, T, H) + 2) * decay
     elif g_form == "key":
         g = F.logsigmoid(rnd(Bq, T, H, K) + 2) * decay
+    if g is not None and g_range is not None:  # uniform log-decay in [lo, hi]
+        g = torch.rand(g.shape, generator=gen, dtype=torch.float64) * (g_range[1] - g_range[0]) + g_range[0]
     N = B if lengths is None else len(lengths)
     s0 = rnd(N, H, K, V) if h0 else None
     cu = None
@@ -115,10 +117,12 @@ def test_torch_path_varlen_hypothesis(lengths, g_form, h0):
 
 
 @pytest.mark.parametrize("g_form", ("scalar", "key"))
-def test_strong_decay_stays_exact(g_form):
-    # g around -20 per step: exp(-b) for b the in-chunk cumsum would overflow fp32 after ~4 tokens.
-    inputs, cu = make_inputs(1, 70, 2, 8, 8, g_form, True, torch.float32, decay=20.0)
-    compare(run("torch", inputs, cu), reference(inputs, cu), BOUND_F32)
+@pytest.mark.parametrize("g_range", [(-25.0, -15.0), (-25.0, 0.0)])
+def test_strong_decay_stays_exact(g_form, g_range):
+    # g around -20 per step: exp(-b) for b the in-chunk cumsum would overflow fp32 after ~4 tokens, and dg
+    # (~exp(g) times the terms of the global identity) keeps its relative accuracy (measured <= 2e-5).
+    inputs, cu = make_inputs(1, 100, 2, 16, 16, g_form, True, torch.float32, g_range=g_range)
+    compare(run("torch", inputs, cu, chunk_size=64), reference(inputs, cu), BOUND_F32)
 
 
 @pytest.mark.parametrize("g_form", ("scalar", "key"))
