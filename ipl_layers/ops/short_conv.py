@@ -6,8 +6,8 @@ Per sequence and channel d, with width W and the sequence's history h (its last 
 
 where x at positions before the sequence start are read from `initial_state` (zeros without it). The
 state after a sequence is its last W-1 inputs; a sequence shorter than W-1 shifts its inputs in after the
-old state. This module holds the tap-loop reference, the torch path (one grouped `conv1d` over all
-sequences, each preceded by its history), the Triton autograd Function and the dispatching entry point.
+old state. This module holds the reference, the torch path (one tap loop over all sequences, each
+preceded by its history), the Triton autograd Function and the dispatching entry point.
 """
 
 from typing import Optional, Tuple
@@ -87,13 +87,19 @@ def short_conv_reference(
 
 
 def _conv(padded, weight, bias):
-    """Causal depthwise convolution without padding: [B, W-1+L, D] -> [B, L, D]. conv1d reads the
-    transposed view as channels-last, without a copy."""
-    D = padded.shape[-1]
-    if padded.shape[1] < weight.shape[1]:  # no tokens at all: conv1d rejects an input shorter than W
-        return padded[:, :0]
-    bias = None if bias is None else bias.to(padded.dtype)
-    return F.conv1d(padded.transpose(1, 2), weight.to(padded.dtype)[:, None, :], bias, groups=D).transpose(1, 2)
+    """Causal depthwise convolution without padding, [B, W-1+L, D] -> [B, L, D], as a loop of fused
+    multiply-adds over the taps: on CPU twice as fast as a grouped conv1d, which has no fast depthwise
+    kernel there."""
+    W = weight.shape[1]
+    L = padded.shape[1] - (W - 1)
+    weight = weight.to(padded.dtype)
+    if bias is None:
+        z = padded[:, :L] * weight[:, 0]
+    else:
+        z = torch.addcmul(bias.to(padded.dtype), padded[:, :L], weight[:, 0])
+    for w in range(1, W):
+        z = z.addcmul_(padded[:, w : w + L], weight[:, w])  # tap w reads x_{t-(W-1)+w}
+    return z
 
 
 def _pack_histories(x, history, cu_seqlens):
@@ -117,9 +123,9 @@ def _pack_histories(x, history, cu_seqlens):
 
 
 def _short_conv_torch(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens):
-    """One grouped conv1d over every sequence preceded by its history (the last W-1 inputs before it),
-    so the convolution never crosses a boundary. Gradients flow through the concatenations and gathers
-    into x and the state."""
+    """One convolution over every sequence preceded by its history (the last W-1 inputs before it), so
+    it never crosses a boundary. Gradients flow through the concatenations and gathers into x and the
+    state."""
     B, T, D = x.shape
     W1 = weight.shape[1] - 1
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -189,7 +195,7 @@ def short_conv(
         output_final_state: also return the last W-1 inputs of each sequence, [N, D, W-1] (fp32,
             float64 for float64 inputs).
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
-        backend: "torch" (grouped conv1d, the CPU path), "triton" (forward/backward kernels, the fused
+        backend: "torch" (a tap loop, the CPU path), "triton" (forward/backward kernels, the fused
             decode kernel for T == 1 with a state), or "reference".
             Default: `IPL_BACKEND`, else "triton" on CUDA and "torch" elsewhere.
 
