@@ -11,8 +11,10 @@ def _fmt(shape: Sequence) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-def check_tensor(name: str, x, ndim: int, dims: str, *, like: Optional[torch.Tensor] = None, floating: bool = True):
-    """`x` is a tensor of rank `ndim` (named dims `dims`, e.g. "B, T, H, K"), on `like`'s device."""
+def check_tensor(
+    name: str, x, ndim: int, dims: str, *, like: Optional[torch.Tensor] = None, like_name: str = "q", floating: bool = True
+):
+    """`x` is a tensor of rank `ndim` (named dims `dims`, e.g. "B, T, H, K"), on the device of `like`."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor [{dims}], got {type(x).__name__}")
     if x.dim() != ndim:
@@ -20,7 +22,7 @@ def check_tensor(name: str, x, ndim: int, dims: str, *, like: Optional[torch.Ten
     if floating and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {x.dtype}")
     if like is not None and x.device != like.device:
-        raise ValueError(f"{name}: expected device {like.device} (the device of q), got {x.device}")
+        raise ValueError(f"{name}: expected device {like.device} (the device of {like_name}), got {x.device}")
 
 
 def check_shape(name: str, x: torch.Tensor, expected: Sequence[int], dims: str):
@@ -28,7 +30,9 @@ def check_shape(name: str, x: torch.Tensor, expected: Sequence[int], dims: str):
         raise ValueError(f"{name}: expected shape [{dims}] = {_fmt(expected)}, got {_fmt(x.shape)}")
 
 
-def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, total: int, device: torch.device) -> int:
+def check_cu_seqlens(
+    cu_seqlens: Optional[torch.Tensor], batch: int, total: int, device: torch.device, like_name: str = "q"
+) -> int:
     """Validates `cu_seqlens` and returns the number of sequences N (N = B without it)."""
     if cu_seqlens is None:
         return batch
@@ -38,7 +42,7 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, total: int,
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens: expected dtype int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens: expected device {device} (the device of q), got {cu_seqlens.device}")
+        raise ValueError(f"cu_seqlens: expected device {device} (the device of {like_name}), got {cu_seqlens.device}")
     if batch != 1:
         raise ValueError(f"cu_seqlens: requires batch size B == 1 (sequences packed along T), got B = {batch}")
     if cu_seqlens.numel() < 2:

@@ -96,7 +96,7 @@ class _LinearAttentionLayer(nn.Module):
                 f"got shape {list(hidden_states.shape)}"
             )
         B, T, _ = hidden_states.shape
-        check_cu_seqlens(cu_seqlens, B, T, hidden_states.device)
+        check_cu_seqlens(cu_seqlens, B, T, hidden_states.device, like_name="hidden_states")
         if (use_cache or past_key_values is not None) and self.layer_idx is None:
             raise ValueError(f"{name}: a cache needs the layer's index: build the layer with layer_idx=...")
         if past_key_values is not None and not isinstance(past_key_values, FastWeightCache):

@@ -25,7 +25,7 @@ ACTIVATIONS = (None, "silu")
 def _check_inputs(x, weight, bias, activation, initial_state, cu_seqlens):
     check_tensor("x", x, 3, "B, T, D")
     B, T, D = x.shape
-    check_tensor("weight", weight, 2, "D, W", like=x)
+    check_tensor("weight", weight, 2, "D, W", like=x, like_name="x")
     if weight.shape[0] != D or weight.shape[1] < 1:
         raise ValueError(
             f"weight: expected shape [D, W] with D = {D} (the last dim of x) and W >= 1, "
@@ -33,13 +33,13 @@ def _check_inputs(x, weight, bias, activation, initial_state, cu_seqlens):
         )
     W = weight.shape[1]
     if bias is not None:
-        check_tensor("bias", bias, 1, "D", like=x)
+        check_tensor("bias", bias, 1, "D", like=x, like_name="x")
         check_shape("bias", bias, (D,), "D")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-    N = check_cu_seqlens(cu_seqlens, B, T, x.device)
+    N = check_cu_seqlens(cu_seqlens, B, T, x.device, like_name="x")
     if initial_state is not None:
-        check_tensor("initial_state", initial_state, 3, "N, D, W-1", like=x)
+        check_tensor("initial_state", initial_state, 3, "N, D, W-1", like=x, like_name="x")
         check_shape("initial_state", initial_state, (N, D, W - 1), "N, D, W-1")
     return N
 
