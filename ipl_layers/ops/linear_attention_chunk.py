@@ -7,9 +7,12 @@ cumsum of g within the chunk (b <= 0, decreasing) and S0 the chunk's start state
     o_i   = scale * [ (q_i * exp(b_i)) S0 + sum_{j<=i} A_ij v_j ],   A_ij = sum_k q_ik k_jk exp(b_ik - b_jk)
     S_end = exp(b_C) * S0 + sum_j (k_j * exp(b_C - b_j))^T v_j
 
-Every exponent is <= 0, so nothing overflows however strong the decay. The per-key form splits a chunk
-into sub-chunks of SUB positions: between sub-chunks both factors are taken against a reference point
-(the log-decay at the end of the previous sub-chunk), inside one the [SUB, SUB, K] decays are explicit.
+Every exponent is <= 0, so nothing overflows however strong the decay. The per-key form (GLA) has two
+intra-chunk forms. When the log-decay spans at most SPAN_MAX inside every chunk (GLA's gates: about
+0.5 per token or less), A = (q exp(b - m)) (k exp(m - b))^T with m the chunk's mid log-decay, one
+matmul whose factors stay within exp(+-SPAN_MAX / 2). Otherwise the chunk splits into sub-chunks of SUB
+positions: between sub-chunks both factors are taken against a reference point (the log-decay at the
+end of the previous sub-chunk), inside one the [SUB, SUB, K] decays are explicit.
 """
 
 from typing import Optional, Tuple
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 SUB = 8  # sub-chunk length of the per-key (GLA) intra-chunk form
+SPAN_MAX = 30.0  # largest in-chunk log-decay span of the one-matmul per-key form: factors <= e^15
 
 
 def pad_sequences(q, k, v, g, cu_seqlens, chunk_size) -> Tuple:
@@ -110,8 +114,21 @@ def _blocks(x: torch.Tensor, n: int, s: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-2], n, s, x.shape[-1])
 
 
+def _midpoint_factors(b: torch.Tensor):
+    """exp(b - m), exp(m - b) [N, H, NC, C, K] with m the chunk's mid log-decay, or None when some chunk's
+    log-decay spans more than SPAN_MAX (the factors could then overflow)."""
+    first, last = b[..., :1, :], b[..., -1:, :]  # [N, H, NC, 1, K]
+    if b.numel() == 0 or float((first - last).max()) > SPAN_MAX:
+        return None
+    rel = b - 0.5 * (first + last)
+    return rel.exp(), rel.neg().exp()
+
+
 def _intra_key(q, k, b, C):
     """Per-key A [N, H, NC, C, C] (lower triangular, unscaled)."""
+    mid = _midpoint_factors(b)
+    if mid is not None:
+        return ((q * mid[0]) @ (k * mid[1]).transpose(-1, -2)).tril_()
     qf, kf, ef, s, n = _subchunk_factors(b, C)
     qs = _blocks(q, n, s) * qf  # [.., n, s, K]
     ks = k[..., None, :, :] * kf  # [.., n, C, K]
@@ -125,6 +142,10 @@ def _intra_key(q, k, b, C):
 
 def _intra_key_grads(q, k, b, C, dA):
     """Per-key: gradients of q and k through A = intra(q, k, b), given dA [.., C, C] (lower triangular)."""
+    mid = _midpoint_factors(b)
+    if mid is not None:
+        qf, kf = mid
+        return (dA @ (k * kf)).mul_(qf), (dA.transpose(-1, -2) @ (q * qf)).mul_(kf)
     qf, kf, ef, s, n = _subchunk_factors(b, C)
     qb, kb = _blocks(q, n, s), _blocks(k, n, s)
     dAb = dA.reshape(*dA.shape[:-2], n, s, C)  # [.., n, s, C]; kf is 0 on the diagonal blocks

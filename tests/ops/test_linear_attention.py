@@ -125,6 +125,17 @@ def test_strong_decay_stays_exact(g_form, g_range):
     compare(run("torch", inputs, cu, chunk_size=64), reference(inputs, cu), BOUND_F32)
 
 
+@pytest.mark.parametrize("span_max", [0.0, 30.0, float("inf")])
+def test_per_key_intra_chunk_forms(span_max, monkeypatch):
+    # The per-key path takes one matmul when the in-chunk log-decay span is <= SPAN_MAX, else sub-chunks;
+    # g in [-0.9, 0] over 32-token chunks spans up to ~29, the edge of the one-matmul form's default.
+    from ipl_layers.ops import linear_attention_chunk
+
+    monkeypatch.setattr(linear_attention_chunk, "SPAN_MAX", span_max)
+    inputs, cu = make_inputs(2, 75, 2, 16, 16, "key", True, torch.float32, g_range=(-0.9, 0.0))
+    compare(run("torch", inputs, cu, chunk_size=32), reference(inputs, cu), BOUND_F32)
+
+
 @pytest.mark.parametrize("g_form", ("scalar", "key"))
 def test_bf16_inputs_as_accurate_as_rounding(g_form):
     # Rule: error at most 2x that of rounding the exact output to bf16 (inputs rounded to bf16 first).
