@@ -1,0 +1,161 @@
+"""Benchmark cases: each op with its inputs, our implementation and its peers, one `OpCase` per entry.
+
+Every implementation is called as `fn(**inputs)` on inputs in its own layout and returns the output `o`.
+Peers are imported lazily inside `load`, so a missing package only marks its rows "not installed".
+Adding an op (delta_rule, ttt, titans, memory layers) is one more `OpCase` in `CASES`.
+"""
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+OURS, SAME_MATH, BASELINE = "ours", "same math", "baseline"
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    chunk: int  # chunk size of our chunked path (and of the FLOP count)
+
+
+@dataclass(frozen=True)
+class Impl:
+    label: str  # as shown in the table
+    role: str  # OURS; SAME_MATH (verified against ours, speed-up = its time / ours); BASELINE (other math)
+    load: Callable[[str, int], Callable]  # (our backend, chunk) -> fn(**inputs) -> o; ImportError if missing
+    layout: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None  # untimed
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class OpCase:
+    name: str  # "<op>:<variant>"; `--ops <op>` selects every variant
+    make_inputs: Callable[[Shape, torch.Generator], Dict[str, torch.Tensor]]  # [B, T, H, D] layout
+    impls: Tuple[Impl, ...]  # ours first
+    fwd_flops: Callable[[Shape], float]  # FLOPs of our chunked forward algorithm (bench/README.md)
+
+    def __post_init__(self):
+        if not self.impls or self.impls[0].role != OURS or any(i.role == OURS for i in self.impls[1:]):
+            raise ValueError(f"{self.name}: expected exactly one implementation of role {OURS!r}, listed first")
+
+    @property
+    def op(self) -> str:
+        return self.name.split(":")[0]
+
+
+def _fla(load: Callable[[], Callable]) -> Callable[[str, int], Callable]:
+    """Wraps a peer loader: fla warns at import on machines without a GPU; the warning is noise here."""
+
+    def loader(backend: str, chunk: int) -> Callable:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load()
+
+    return loader
+
+
+# ---- linear_attention: S_t = D_t S_{t-1} + k_t^T v_t, o_t = scale q_t S_t, for three forms of D_t ----
+
+def _linear_attention_inputs(g_form: Optional[str]):
+    def make(s: Shape, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+        randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+        inputs = {"q": randn(s.B, s.T, s.H, s.K), "k": randn(s.B, s.T, s.H, s.K), "v": randn(s.B, s.T, s.H, s.V)}
+        if g_form == "scalar":
+            inputs["g"] = F.logsigmoid(randn(s.B, s.T, s.H))  # [B, T, H] log-decay in (-inf, 0)
+        elif g_form == "per_key":
+            inputs["g"] = F.logsigmoid(randn(s.B, s.T, s.H, s.K))  # [B, T, H, K]
+        return inputs
+
+    return make
+
+
+def _linear_attention_flops(s: Shape) -> float:
+    """Per chunk of C positions and head: QK^T and AV (2C^2K + 2C^2V), q S and k^T v (2CKV each)."""
+    padded_T = -(-s.T // s.chunk) * s.chunk
+    return s.B * s.H * padded_T * (2 * s.chunk * (s.K + s.V) + 4 * s.K * s.V)
+
+
+def _ours_linear_attention(backend: str, chunk: int) -> Callable:
+    from ipl_layers.ops.linear_attention import linear_attention
+
+    def fn(q, k, v, g=None):
+        return linear_attention(q, k, v, g, backend=backend, chunk_size=chunk)[0]
+
+    return fn
+
+
+def _fla_chunk_linear_attn() -> Callable:
+    from fla.ops.linear_attn.naive import naive_chunk_linear_attn  # [B, T, H, D] in and out, C = 64
+
+    return lambda q, k, v: naive_chunk_linear_attn(q, k, v)
+
+
+def _fla_chunk_simple_gla() -> Callable:
+    from fla.ops.simple_gla.naive import naive_chunk_simple_gla  # [B, T, H, D], g [B, T, H] log-decay
+
+    return lambda q, k, v, g: naive_chunk_simple_gla(q, k, v, g)[0]
+
+
+def _fla_recurrent_gla() -> Callable:
+    from fla.ops.gla.naive import naive_recurrent_gla  # [B, T, H, D], gk [B, T, H, K] log-decay
+
+    return lambda q, k, v, g: naive_recurrent_gla(q, k, v, g)[0]
+
+
+def _sdpa(backend: str, chunk: int) -> Callable:
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _sdpa_layout(inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """[B, T, H, D] -> SDPA's own [B, H, T, D], contiguous, so its timing holds no transpose copy."""
+    return {name: inputs[name].transpose(1, 2).contiguous() for name in ("q", "k", "v")}
+
+
+SDPA = Impl(
+    "torch SDPA causal", BASELINE, _sdpa, layout=_sdpa_layout,
+    note="softmax attention, different math: a reference point, not a peer",
+)
+
+
+def _linear_attention_case(variant: str, g_form: Optional[str], peer: Impl) -> OpCase:
+    ours = Impl(f"ours linear_attention (g={g_form})", OURS, _ours_linear_attention)
+    return OpCase(
+        f"linear_attention:{variant}", _linear_attention_inputs(g_form), (ours, peer, SDPA), _linear_attention_flops
+    )
+
+
+CASES: Tuple[OpCase, ...] = (
+    _linear_attention_case(
+        "plain", None,
+        Impl("fla naive_chunk_linear_attn", SAME_MATH, _fla(_fla_chunk_linear_attn), note="chunked, C=64"),
+    ),
+    _linear_attention_case(
+        "scalar_decay", "scalar",
+        Impl("fla naive_chunk_simple_gla", SAME_MATH, _fla(_fla_chunk_simple_gla), note="chunked, C=64"),
+    ),
+    _linear_attention_case(
+        "key_decay", "per_key",
+        Impl(
+            "fla naive_recurrent_gla", SAME_MATH, _fla(_fla_recurrent_gla),
+            note="token-by-token: fla has no pure-torch chunked GLA",
+        ),
+    ),
+)
+
+
+def select(names) -> Tuple[OpCase, ...]:
+    """Cases named exactly, or every variant of a named op; all of them for None."""
+    if not names:
+        return CASES
+    chosen = tuple(c for c in CASES if c.name in names or c.op in names)
+    unknown = set(names) - {c.name for c in CASES} - {c.op for c in CASES}
+    if unknown:
+        raise SystemExit(f"--ops: unknown {sorted(unknown)}; known: {[c.name for c in CASES]}")
+    return chosen
