@@ -5,8 +5,8 @@ over the sequence's tokens (math in `ipl_layers/ops/linear_attention.py`):
 
     S_t = D_t S_{t-1} + k_t^T v_t,        o_t = scale * q_t S_t
 
-The backward kernel runs two scans in one program. The forward re-scan rebuilds S_t and gives
-dq_t = scale * S_t dO_t. The reverse scan carries dS_t = dL/dS_t,
+The backward kernel runs two scans in one program: a forward re-scan of S_t for dq_t = scale * S_t dO_t,
+and a reverse scan of dS_t = dL/dS_t,
 
     dS_t = D_{t+1} dS_{t+1} + scale * q_t^T dO_t,    dk_t = dS_t v_t^T,    dv_t = k_t dS_t,
 
@@ -15,8 +15,20 @@ depend on g only through q_t e^{G_t}, k_s e^{-G_s} and e^{G_T}, which gives dg w
 
     dg_t = sum_{s >= t} (q_s * dq_s - k_s * dk_s) + sum_v (S_T * dS_T)[:, v]     (dS_T = dht)
 
-summed over the key channels too for a scalar decay. When the V dimension is split into blocks, dq, dk
-and dg are partial sums over V blocks: each program writes its own fp32 partials and the host sums them.
+summed over the key channels too for a scalar decay. Expanded into pairs (i, j) of a query i (or the
+final state) and a key j <= i (or h0), dg_t keeps the pairs with j < t <= i; a pair with both ends >= t
+enters once through q_i * dq_i and once, negated, through k_j * dk_j. The pairs (i, i) and (final state,
+token T) always cancel so, and under strong decay they are the only large ones (the others carry
+e^{G_i - G_j} << 1): summed in fp32 they would bury the true dg in rounding noise. So dg sums
+
+    x_s = q_s * dq'_s - k_s * dk'_s,    dq'_s = scale * (D_s S_{s-1}) dO_s,    dk'_s = (D_{s+1} dS_{s+1}) v_s
+
+(dk'_T = 0: its dht v_T is the (final state, T) pair) on top of sum_v (D_T S_{T-1} * dht), the final
+state recomputed without token T's k^T v rather than subtracted. dq_s = dq'_s + scale * (v_s . dO_s) k_s,
+and dk_s comes from dS_s as above.
+
+When the V dimension is split into blocks, dq, dk and dg are partial sums over V blocks: each program
+writes its own fp32 partials and the host sums them.
 """
 
 import torch
@@ -129,7 +141,7 @@ def linear_attn_fused_recurrent_bwd_kernel(
     dq,  # [NV, B, T, H, K] fp32 partials over V blocks
     dk,  # [NV, B, T, H, K] fp32 partials over V blocks
     dv,  # [B, T, H, V]
-    dg,  # [NV, B, T, H] or [NV, B, T, H, K] fp32 partials over V blocks, or None
+    dg,  # [NV, B, T, H] or [NV, B, T, H, K] fp32 partials over V blocks (first q * dq'), or None
     dh0,  # [N, H, K, V] or None
     cu_seqlens,  # [N + 1] or None
     scale,
@@ -159,8 +171,14 @@ def linear_attn_fused_recurrent_bwd_kernel(
     o_kv = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
     dq += i_v.to(tl.int64) * n_tokens * H * K
     dk += i_v.to(tl.int64) * n_tokens * H * K
+    if GATE == GATE_SCALAR:
+        dg += i_v.to(tl.int64) * n_tokens * H
+    if GATE == GATE_KEY:
+        dg += i_v.to(tl.int64) * n_tokens * H * K
 
-    # Forward re-scan: S_t includes token t, so dq_t = scale * S_t dO_t.
+    # Forward re-scan for dq_t = scale * S_t dO_t. With a decay it goes through dq'_t (module docstring),
+    # whose q_t * dq'_t, the query part of x_t, waits in dg for the reverse scan; the last token's k^T v
+    # is left out of S, so S ends as D_T S_{T-1} for the final-state term of dg.
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         S += tl.load(h0 + p_state + o_kv, mask=m_kv, other=0).to(tl.float32)
@@ -170,18 +188,31 @@ def linear_attn_fused_recurrent_bwd_kernel(
         k_t = tl.load(k + p_k + o_k, mask=m_k, other=0).to(tl.float32)
         v_t = tl.load(v + p_v + o_v, mask=m_v, other=0).to(tl.float32)
         do_t = tl.load(do + p_v + o_v, mask=m_v, other=0).to(tl.float32)
-        if GATE != GATE_NONE:
+        if GATE == GATE_NONE:
+            S += k_t[:, None] * v_t[None, :]
+            dq_t = tl.sum(S * do_t[None, :], axis=1) * scale
+        else:
+            q_t = tl.load(q + p_k + o_k, mask=m_k, other=0).to(tl.float32)
             S = _decay(S, g, tok, i_h, o_k, m_k, H, K, GATE)
-        S += k_t[:, None] * v_t[None, :]
-        tl.store(dq + p_k + o_k, tl.sum(S * do_t[None, :], axis=1) * scale, mask=m_k)
+            dq_t = tl.sum(S * do_t[None, :], axis=1) * scale  # dq'_t [BK]
+            if GATE == GATE_SCALAR:
+                tl.store(dg + tok * H + i_h, tl.sum(q_t * dq_t, axis=0))
+            else:
+                tl.store(dg + p_k + o_k, q_t * dq_t, mask=m_k)
+            S += tl.where(tok + 1 < eos, k_t, 0)[:, None] * v_t[None, :]
+            dq_t += scale * tl.sum(v_t * do_t, axis=0) * k_t
+        tl.store(dq + p_k + o_k, dq_t, mask=m_k)
 
-    # Reverse scan from dS_T = dht; S now holds S_T for the final-state term of dg.
+    # Reverse scan from dS_T = dht.
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         dS += tl.load(dht + p_state + o_kv, mask=m_kv, other=0).to(tl.float32)
     if GATE != GATE_NONE:
-        dg_acc = tl.sum(S * dS, axis=1)  # [BK] running sum_{s >= t} of dG_s
-        # dg reads back the dq partials this program stored above: make them visible to all its threads.
+        # running sum_{s >= t} x_s, from sum_v (D_T S_{T-1} * dht): [BK], or a scalar for a scalar decay
+        dg_acc = tl.sum(S * dS, axis=1)
+        if GATE == GATE_SCALAR:
+            dg_acc = tl.sum(dg_acc, axis=0)
+        # the reverse scan reads back the q_t * dq'_t stored above: make them visible to all the threads
         tl.debug_barrier()
     for i in range(0, eos - bos):
         tok = eos - 1 - i
@@ -191,18 +222,28 @@ def linear_attn_fused_recurrent_bwd_kernel(
         k_t = tl.load(k + p_k + o_k, mask=m_k, other=0).to(tl.float32)
         v_t = tl.load(v + p_v + o_v, mask=m_v, other=0).to(tl.float32)
         do_t = tl.load(do + p_v + o_v, mask=m_v, other=0).to(tl.float32)
+        if GATE != GATE_NONE:
+            # x_t = q_t * dq'_t - k_t * dk'_t. q_t * dq'_t is loaded before the reduction below, which every
+            # thread holding a copy of it passes before any of them stores dg_t over it.
+            if GATE == GATE_SCALAR:
+                qdq_t = tl.load(dg + tok * H + i_h)
+            else:
+                qdq_t = tl.load(dg + p_k + o_k, mask=m_k, other=0)  # [BK]
+            # dk'_t = (D_{t+1} dS_{t+1}) v_t [BK]; at t = T, dk'_T = dht v_T is left out: it cancels the
+            # k_T^T v_T that the final-state term no longer has
+            dk_fut = tl.where(i == 0, 0, tl.sum(dS * v_t[None, :], axis=1))
+            if GATE == GATE_SCALAR:
+                dg_acc += qdq_t - tl.sum(k_t * dk_fut, axis=0)
+                tl.store(dg + tok * H + i_h, dg_acc)
+            else:
+                dg_acc += qdq_t - k_t * dk_fut
+                tl.store(dg + p_k + o_k, dg_acc, mask=m_k)
         dS += (scale * q_t)[:, None] * do_t[None, :]
         dk_t = tl.sum(dS * v_t[None, :], axis=1)  # [BK]
         dv_t = tl.sum(dS * k_t[:, None], axis=0)  # [BV]
         tl.store(dk + p_k + o_k, dk_t, mask=m_k)
         tl.store(dv + p_v + o_v, dv_t.to(dv.dtype.element_ty), mask=m_v)
         if GATE != GATE_NONE:
-            dq_t = tl.load(dq + p_k + o_k, mask=m_k, other=0)
-            dg_acc += q_t * dq_t - k_t * dk_t
-            if GATE == GATE_SCALAR:
-                tl.store(dg + i_v.to(tl.int64) * n_tokens * H + tok * H + i_h, tl.sum(dg_acc, axis=0))
-            else:
-                tl.store(dg + i_v.to(tl.int64) * n_tokens * H * K + p_k + o_k, dg_acc, mask=m_k)
             dS = _decay(dS, g, tok, i_h, o_k, m_k, H, K, GATE)
     if USE_H0:
         tl.store(dh0 + p_state + o_kv, dS.to(dh0.dtype.element_ty), mask=m_kv)

@@ -20,12 +20,10 @@ from ipl_layers.kernels.linear_attn.fused_recurrent import fused_recurrent_bwd, 
 from ipl_layers.ops.linear_attention import linear_attention_reference  # noqa: E402
 
 # Relative RMS error bounds against the float64 reference.
-FP32_BOUND = 2e-5  # o, final state, dq, dk, dv, dh0 in fp32
-DG_BOUND = 1e-4  # dg: a reverse cumulative sum of q*dq - k*dk, which cancels more than the rest
+# o, final state and all gradients in fp32. dg too, also under strong decay, where the true dg (~exp(g))
+# is far below the terms whose differences give it: the kernel leaves out the pairs that cancel exactly.
+FP32_BOUND = 2e-5
 BF16_BOUND = 3e-2  # bf16 inputs and outputs (the interpreter truncates fp32 -> bf16)
-# Under strong decay the true dg is ~exp(g) times the terms whose differences give it, so dg is only
-# accurate relative to those terms: bound on ||dg - ref|| / ||q * dq_ref||.
-STRONG_DECAY_DG_BOUND = 1e-5
 
 GATES = ("none", "scalar", "key")
 
@@ -73,7 +71,7 @@ def run_and_check(B, T, H, K, V, gate, with_h0, cu_seqlens=None, with_dht=True, 
     if gate == "none":
         assert dg is None
     else:
-        assert_rel_rms("dg", dg, rg, DG_BOUND)
+        assert_rel_rms("dg", dg, rg, FP32_BOUND)
     if with_h0:
         assert_rel_rms("dh0", dh0, rh0, FP32_BOUND)
     else:
@@ -110,25 +108,24 @@ def test_dims_not_powers_of_two(gate):
     run_and_check(B=1, T=5, H=2, K=24, V=40, gate=gate, with_h0=True)
 
 
+@pytest.mark.parametrize("with_dht", [True, False])
 @pytest.mark.parametrize("gate", ["scalar", "key"])
-def test_strong_decay_stays_finite_and_accurate(gate):
+def test_strong_decay_stays_finite_and_accurate(gate, with_dht):
+    """g in [-25, -15] and a full reset: dg ~ exp(g) must keep its fp32 relative accuracy."""
     B, T, H, K, V = 2, 9, 2, 16, 16
     q, k, v, g, h0 = make_inputs(B, T, H, K, V, gate, B, g_range=(-25.0, -15.0))
     g[0, 3] = -1e4  # a full reset in the middle of a sequence
     scale = K**-0.5
-    do, dht = torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+    do = torch.randn(B, T, H, V)
+    dht = torch.randn(B, H, K, V) if with_dht else None
 
     o, final = fused_recurrent_fwd(q, k, v, g, scale, h0, None, True, 64)
     dq, dk, dv, dg, dh0 = fused_recurrent_bwd(q, k, v, g, scale, h0, None, do, dht, 64)
     ref_o, ref_final, (rq, rk, rv, rg, rh0) = reference_grads(q, k, v, g, h0, None, do, dht, scale)
 
     for name, x, ref in (("o", o, ref_o), ("final_state", final, ref_final), ("dq", dq, rq), ("dk", dk, rk),
-                         ("dv", dv, rv), ("dh0", dh0, rh0)):
+                         ("dv", dv, rv), ("dg", dg, rg), ("dh0", dh0, rh0)):
         assert_rel_rms(name, x, ref, FP32_BOUND)
-    assert torch.isfinite(dg).all()
-    terms = (q.double() * rq).sum(-1) if gate == "scalar" else q.double() * rq
-    err = (dg.double() - rg).norm().item() / terms.norm().item()
-    assert err <= STRONG_DECAY_DG_BOUND, f"dg: error {err:.3e} relative to |q*dq| > {STRONG_DECAY_DG_BOUND:.1e}"
 
 
 def test_without_final_state_or_dht():
