@@ -97,16 +97,18 @@ class LinearAttentionChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, chunk_size, output_final_state):
         o, saved, final = chunk.chunk_forward(q, k, v, g, initial_state, scale, chunk_size)
-        ctx.save_for_backward(q, k, v, g, initial_state, *saved)
+        ctx.save_for_backward(q, k, v, g, initial_state)
+        ctx.chunk_saved = saved  # intermediates (states, A, the factored operands), not inputs
         ctx.scale, ctx.chunk_size = scale, chunk_size
         return o, (final if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, initial_state, *saved = ctx.saved_tensors
+        q, k, v, g, initial_state = ctx.saved_tensors
         dq, dk, dv, dg, dh0 = chunk.chunk_backward(
-            q, k, v, g, initial_state, saved, do, dht, ctx.scale, ctx.chunk_size
+            q, k, v, g, initial_state, ctx.chunk_saved, do, dht, ctx.scale, ctx.chunk_size
         )
+        del ctx.chunk_saved
         return dq, dk, dv, dg, dh0, None, None, None
 
 

@@ -7,23 +7,25 @@ cumsum of g within the chunk (b <= 0, decreasing) and S0 the chunk's start state
     o_i   = scale * [ (q_i * exp(b_i)) S0 + sum_{j<=i} A_ij v_j ],   A_ij = sum_k q_ik k_jk exp(b_ik - b_jk)
     S_end = exp(b_C) * S0 + sum_j (k_j * exp(b_C - b_j))^T v_j
 
-Every exponent is <= 0, so nothing overflows however strong the decay. The per-key form (GLA) has two
-intra-chunk forms. When the log-decay spans at most SPAN_MAX inside every chunk (GLA's gates: about
-0.5 per token or less), A = (q exp(b - m)) (k exp(m - b))^T with m the chunk's mid log-decay, one
-matmul whose factors stay within exp(+-SPAN_MAX / 2). Otherwise the chunk splits into sub-chunks of SUB
-positions: between sub-chunks both factors are taken against a reference point (the log-decay at the
-end of the previous sub-chunk), inside one the [SUB, SUB, K] decays are explicit.
+No exponent that can be large is ever positive, so nothing overflows however strong the decay. When
+the log-decay spans at most SPAN_MAX inside every chunk (the usual case: gates of about 0.5 per token
+or less), everything is factored around the chunk's mid log-decay m:
+
+    q~ = q exp(b - m),  k~ = k exp(m - b)         (factors within exp(+-SPAN_MAX / 2))
+    A  = tril(q~ k~^T),  o = scale [q~ (exp(m) S0) + A v],  S_end = exp(b_C) S0 + exp(b_C - m) k~^T v
+
+so A is one matmul and the decays cost two passes over q and k. Otherwise the decays are explicit:
+exp(b_i - b_j) masked to j <= i for scalar g, sub-chunks for per-key g (`linear_attention_subchunk`).
 """
 
 from typing import Optional, Tuple
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-SUB = 8  # sub-chunk length of the per-key (GLA) intra-chunk form
-SPAN_MAX = 30.0  # largest in-chunk log-decay span of the one-matmul per-key form: factors <= e^15
+from ipl_layers.ops import linear_attention_subchunk as subchunk
+
+SPAN_MAX = 30.0  # largest in-chunk log-decay span of the factored form: factors <= e^15
 
 
 def pad_sequences(q, k, v, g, cu_seqlens, chunk_size) -> Tuple:
@@ -69,138 +71,75 @@ class _Decays:
 
     def __init__(self, g: Optional[torch.Tensor], C: int, dtype):
         self.kind = "none" if g is None else ("scalar" if g.dim() == 3 else "key")
-        self.b = None if g is None else _chunked(g, C, dtype).cumsum(3)  # [N, H, NC, C(, K)]
-
-    def _col(self, x):  # scalar decays broadcast over the key dim
-        return x[..., None] if self.kind == "scalar" else x
+        b = None if g is None else _chunked(g, C, dtype).cumsum(3)  # [N, H, NC, C(, K)]
+        self.b = None if b is None else (b[..., None] if self.kind == "scalar" else b)  # [N, H, NC, C, 1|K]
 
     def q_factor(self):  # exp(b_i): [N, H, NC, C, 1|K]
-        return self._col(self.b.exp())
+        return self.b.exp()
 
     def k_factor(self):  # exp(b_C - b_j): [N, H, NC, C, 1|K]
-        return self._col((self.b[:, :, :, -1:] - self.b).exp())
+        return (self.b[..., -1:, :] - self.b).exp()
 
     def chunk_decay(self):  # exp(b_C) on the state's rows: [N, H, NC, 1|K, 1]
-        return self._col(self.b[:, :, :, -1].exp())[..., None]
+        return self.b[..., -1:, :].exp().transpose(-1, -2)
 
-    def pair_decay(self, C: int):  # scalar form: exp(b_i - b_j) masked to j <= i, [N, H, NC, C, C]
+    def pair_decay(self, C: int):  # scalar g: exp(b_i - b_j) masked to j <= i, [N, H, NC, C, C]
         causal = torch.ones(C, C, dtype=torch.bool, device=self.b.device).tril()
-        diff = self.b[..., :, None] - self.b[..., None, :]
+        diff = self.b - self.b.transpose(-1, -2)
         return torch.where(causal, diff, float("-inf")).exp()
 
-
-def _subchunk_factors(b: torch.Tensor, C: int):
-    """Per-key form: the factors of A between and within sub-chunks, every exponent <= 0.
-
-    Returns qf [.., n, s, K] = exp(b_i - r_I), kf [.., n, C, K] = exp(r_I - b_j) for j before sub-chunk I
-    (0 elsewhere), and ef [.., n, s, s, K] = exp(b_i - b_j) for j <= i inside sub-chunk I (0 elsewhere).
-    """
-    s = math.gcd(SUB, C)
-    n = C // s
-    K = b.shape[-1]
-    bs = b.reshape(*b.shape[:-2], n, s, K)  # [.., n, s, K]
-    ref = torch.cat([torch.zeros_like(b[..., :1, :]), b[..., s - 1 : C - 1 : s, :]], dim=-2)  # [.., n, K]
-    qf = (bs - ref[..., :, None, :]).exp()
-    before = torch.arange(C, device=b.device)[None, :] < (torch.arange(n, device=b.device) * s)[:, None]  # [n, C]
-    kexp = ref[..., :, None, :] - b[..., None, :, :]  # [.., n, C, K]
-    kf = torch.where(before[:, :, None], kexp, float("-inf")).exp()
-    causal = torch.ones(s, s, dtype=torch.bool, device=b.device).tril()[:, :, None]  # [s, s, 1]
-    ef = torch.where(causal, bs[..., :, None, :] - bs[..., None, :, :], float("-inf")).exp()
-    return qf, kf, ef, s, n
+    def span_ok(self) -> bool:
+        first, last = self.b[..., :1, :], self.b[..., -1:, :]
+        return self.b.numel() == 0 or float((first - last).max()) <= SPAN_MAX
 
 
-def _blocks(x: torch.Tensor, n: int, s: int) -> torch.Tensor:
-    """[.., C, *] -> [.., n, s, *]."""
-    return x.reshape(*x.shape[:-2], n, s, x.shape[-1])
+class _Form:
+    """The operands of one call's chunked math (module docstring): the query and key operands qi, ki,
+    row scales of the start states (srow) and of the chunks' own state contributions (urow), and what
+    maps gradients of qi, ki back to q, k."""
 
+    def __init__(self, qc, kc, dec: _Decays, C: int):
+        self.dec, self.C = dec, C
+        self.factored = dec.kind == "none" or dec.span_ok()
+        self.srow = self.urow = self.e1 = self.e2 = self.M = None
+        if dec.kind == "none":
+            self.qi, self.ki = qc, kc
+        elif self.factored:
+            first, last = dec.b[..., :1, :], dec.b[..., -1:, :]  # [N, H, NC, 1, 1|K]
+            mid = 0.5 * (first + last)
+            self.e1 = (dec.b - mid).exp()  # [N, H, NC, C, 1|K]
+            self.e2 = self.e1.reciprocal()
+            self.qi, self.ki = qc * self.e1, kc * self.e2
+            self.srow = mid.exp().transpose(-1, -2)  # [N, H, NC, 1|K, 1]
+            self.urow = (last - mid).exp().transpose(-1, -2)
+        else:
+            self.qi, self.ki = qc * dec.q_factor(), kc * dec.k_factor()
+            if dec.kind == "scalar":
+                self.M = dec.pair_decay(C)
 
-def _midpoint_factors(b: torch.Tensor):
-    """exp(b - m), exp(m - b) [N, H, NC, C, K] with m the chunk's mid log-decay, or None when some chunk's
-    log-decay spans more than SPAN_MAX (the factors could then overflow)."""
-    first, last = b[..., :1, :], b[..., -1:, :]  # [N, H, NC, 1, K]
-    if b.numel() == 0 or float((first - last).max()) > SPAN_MAX:
-        return None
-    rel = b - 0.5 * (first + last)
-    return rel.exp(), rel.neg().exp()
+    def intra(self, qc, kc):
+        """A [N, H, NC, C, C], lower triangular incl. the diagonal, unscaled."""
+        if self.factored:
+            return (self.qi @ self.ki.transpose(-1, -2)).tril_()
+        if self.M is not None:
+            return (qc @ kc.transpose(-1, -2)).mul_(self.M)
+        return subchunk.intra(qc, kc, self.dec.b, self.C)
 
+    def intra_grads(self, qc, kc, strict):
+        """Gradients through the strictly lower part of A, in the operands' space (factored) or of q, k."""
+        if self.factored:
+            return strict @ self.ki, strict.transpose(-1, -2) @ self.qi
+        if self.M is not None:
+            strict = strict * self.M
+            return strict @ kc, strict.transpose(-1, -2) @ qc
+        return subchunk.intra_grads(qc, kc, self.dec.b, self.C, strict)
 
-def _intra_key(q, k, b, C):
-    """Per-key A [N, H, NC, C, C] (lower triangular, unscaled)."""
-    mid = _midpoint_factors(b)
-    if mid is not None:
-        return ((q * mid[0]) @ (k * mid[1]).transpose(-1, -2)).tril_()
-    qf, kf, ef, s, n = _subchunk_factors(b, C)
-    qs = _blocks(q, n, s) * qf  # [.., n, s, K]
-    ks = k[..., None, :, :] * kf  # [.., n, C, K]
-    A = (qs @ ks.transpose(-1, -2)).reshape(*q.shape[:-2], C, C)  # [.., C, C]: blocks before the diagonal
-    qb, kb = _blocks(q, n, s), _blocks(k, n, s)
-    diag = (qb[..., :, None, :] * kb[..., None, :, :] * ef).sum(-1)  # [.., n, s, s]
-    Ablk = A.view(*A.shape[:-2], n, s, n, s)
-    torch.diagonal(Ablk, dim1=-4, dim2=-2).copy_(diag.movedim(-3, -1))
-    return A
-
-
-def _intra_key_grads(q, k, b, C, dA):
-    """Per-key: gradients of q and k through A = intra(q, k, b), given dA [.., C, C] (lower triangular)."""
-    mid = _midpoint_factors(b)
-    if mid is not None:
-        qf, kf = mid
-        return (dA @ (k * kf)).mul_(qf), (dA.transpose(-1, -2) @ (q * qf)).mul_(kf)
-    qf, kf, ef, s, n = _subchunk_factors(b, C)
-    qb, kb = _blocks(q, n, s), _blocks(k, n, s)
-    dAb = dA.reshape(*dA.shape[:-2], n, s, C)  # [.., n, s, C]; kf is 0 on the diagonal blocks
-    ks = k[..., None, :, :] * kf  # [.., n, C, K]
-    dq = (dAb @ ks) * qf  # [.., n, s, K]
-    dk = ((dAb.transpose(-1, -2) @ (qb * qf)) * kf).sum(-3)  # [.., C, K]
-    ddiag = torch.diagonal(dA.reshape(*dA.shape[:-2], n, s, n, s), dim1=-4, dim2=-2).movedim(-1, -3)  # [.., n, s, s]
-    w = ddiag[..., None] * ef  # [.., n, s, s, K]
-    dq = dq + (w * kb[..., None, :, :]).sum(-2)
-    dk = dk + _unblock((w * qb[..., :, None, :]).sum(-3))
-    return _unblock(dq), dk
-
-
-def _unblock(x: torch.Tensor) -> torch.Tensor:
-    """[.., n, s, K] -> [.., C, K]."""
-    return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
-
-
-def _intra(q, k, dec: _Decays, C):
-    """A [N, H, NC, C, C] (lower triangular incl. the diagonal, unscaled) and, for scalar g, its decays."""
-    if dec.kind == "key":
-        return _intra_key(q, k, dec.b, C), None
-    A = q @ k.transpose(-1, -2)
-    if dec.kind == "scalar":
-        M = dec.pair_decay(C)
-        return A.mul_(M), M
-    return A.tril_(), None
+    def rows(self, scale, x):  # x [N, H, NC, K, V] with rows scaled by `scale` (None: unscaled)
+        return x if scale is None else scale * x
 
 
 def _compute_dtype(x: torch.Tensor):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def chunk_forward(q, k, v, g, initial_state, scale, C):
-    """Padded inputs -> (o [N, Tp, H, V] in v.dtype, saved tensors for `chunk_backward`, final [N, H, K, V]).
-
-    Saved: the chunk start states [N, H, NC, K, V], A and (scalar g) its decay matrix [N, H, NC, C, C].
-    """
-    dt = _compute_dtype(q)
-    qc, kc, vc = _chunked(q, C, dt), _chunked(k, C, dt), _chunked(v, C, dt)  # [N, H, NC, C, *]
-    dec = _Decays(g, C, dt)
-    N, H, NC = qc.shape[:3]
-    K, V = qc.shape[-1], vc.shape[-1]
-    kd = kc if dec.kind == "none" else kc * dec.k_factor()  # keys decayed to the chunk end
-    U = kd.transpose(-1, -2) @ vc  # [N, H, NC, K, V]: each chunk's own contribution to its end state
-    decay = None if dec.kind == "none" else dec.chunk_decay()  # [N, H, NC, 1|K, 1]
-    S = torch.zeros(N, H, K, V, dtype=dt, device=q.device) if initial_state is None else initial_state.to(dt)
-    states = torch.empty(N, H, NC, K, V, dtype=dt, device=q.device)
-    for n in range(NC):
-        states[:, :, n] = S
-        S = U[:, :, n] + (S if decay is None else decay[:, :, n] * S)
-    qd = qc if dec.kind == "none" else qc * dec.q_factor()
-    A, M = _intra(qc, kc, dec, C)  # [N, H, NC, C, C]
-    o = torch.baddbmm(_flat(A @ vc), _flat(qd), _flat(states)).mul_(scale)  # [N*H*NC, C, V]
-    return _unchunked(o.view(N, H, NC, C, V)).to(v.dtype), (states, A, M), S
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -208,18 +147,42 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[-2:])
 
 
-def _log_decay_grad(qc, kc, dq_state, dq_intra, dk_state, dk_intra, states, dU, decay, kind):
+def chunk_forward(q, k, v, g, initial_state, scale, C):
+    """Padded inputs -> (o [N, Tp, H, V] in v.dtype, saved for `chunk_backward`, final state [N, H, K, V]).
+
+    Saved: the chunk start states [N, H, NC, K, V], A [N, H, NC, C, C] and the call's `_Form`.
+    """
+    dt = _compute_dtype(q)
+    qc, kc, vc = _chunked(q, C, dt), _chunked(k, C, dt), _chunked(v, C, dt)  # [N, H, NC, C, *]
+    dec = _Decays(g, C, dt)
+    form = _Form(qc, kc, dec, C)
+    N, H, NC = qc.shape[:3]
+    K, V = qc.shape[-1], vc.shape[-1]
+    U = form.rows(form.urow, form.ki.transpose(-1, -2) @ vc)  # [N, H, NC, K, V]: each chunk's own part
+    decay = None if dec.kind == "none" else dec.chunk_decay()  # [N, H, NC, 1|K, 1]
+    S = torch.zeros(N, H, K, V, dtype=dt, device=q.device) if initial_state is None else initial_state.to(dt)
+    states = torch.empty(N, H, NC, K, V, dtype=dt, device=q.device)
+    for n in range(NC):
+        states[:, :, n] = S
+        S = U[:, :, n] + (S if decay is None else decay[:, :, n] * S)
+    A = form.intra(qc, kc)  # [N, H, NC, C, C]
+    o = torch.baddbmm(_flat(A @ vc), _flat(form.qi), _flat(form.rows(form.srow, states))).mul_(scale)
+    return _unchunked(o.view(N, H, NC, C, V)).to(v.dtype), (states, A, form), S
+
+
+def _log_decay_grad(qi, dqi_state, dqi_intra, ki, dki_state, dki_intra, states, dU, decay, kind):
     """d g [N, Tp, H(, K)] from the gradients' parts, chunk by chunk, with no cancelling terms.
 
-    b_i = sum_{t <= i} g_t inside a chunk, so dg_t = sum_{i >= t} db_i. By term of the chunk's math:
+    Products x * dx are the same for the operands qi, ki and for q, k (the factors cancel). b_i =
+    sum_{t <= i} g_t inside a chunk, so dg_t = sum_{i >= t} db_i. By term of the chunk's math:
     q_i exp(b_i) S0 gives db_i += q_i dq_i (state part); A_ij for j < i gives db_i += w_ij, db_j -= w_ij
     (summed: q dq - k dk over the strict intra parts; A_ii does not depend on b); k_j exp(b_C - b_j)
     gives db_j -= y_j, db_C += y_j with y = k dk (state part), which sum to +sum_{j < t} y_j in dg_t; and
     exp(b_C) S0 gives db_C += sum_v exp(b_C) S0 dS_end. Nothing O(1) cancels, so dg keeps its relative
     accuracy under strong decay, where it is ~exp(g) times the terms of the global identity.
     """
-    x = qc * (dq_state + dq_intra) - kc * dk_intra  # [N, H, NC, C, K]
-    y = kc * dk_state
+    x = qi * (dqi_state + dqi_intra) - ki * dki_intra  # [N, H, NC, C, K]
+    y = ki * dki_state
     dgc = x.flip(-2).cumsum(-2).flip(-2)
     dgc[..., 1:, :] += y[..., :-1, :].cumsum(-2)  # exclusive cumsum: only keys strictly before t
     dgc += (decay * states * dU).sum(-1)[..., None, :]  # [N, H, NC, 1, K]: through the chunk's decay
@@ -232,39 +195,37 @@ def chunk_backward(q, k, v, g, initial_state, saved, do, dht, scale, C):
 
     The diagonal of A is kept apart: its terms cancel exactly in the log-decay gradient.
     """
-    states, A, M = saved
+    states, A, form = saved
     dt = _compute_dtype(q)
     qc, kc, vc, doc = (_chunked(x, C, dt) for x in (q, k, v, do))  # [N, H, NC, C, *]
-    dec = _Decays(g, C, dt)
+    dec = form.dec
     NC = qc.shape[2]
-    qd = qc if dec.kind == "none" else qc * dec.q_factor()
-    kf = None if dec.kind == "none" else dec.k_factor()
-    kd = kc if kf is None else kc * kf
     decay = None if dec.kind == "none" else dec.chunk_decay()
     # Reverse scan: dU[n] is the gradient of the state at the end of chunk n.
-    P = (qd.transpose(-1, -2) @ doc).mul_(scale)  # [N, H, NC, K, V]: chunk n's outputs -> its start state
+    P = form.rows(form.srow, (form.qi.transpose(-1, -2) @ doc).mul_(scale))  # [N, H, NC, K, V] -> start state
     G = torch.zeros_like(states[:, :, 0]) if dht is None else dht.to(dt)
     dU = torch.empty_like(states)
     for n in reversed(range(NC)):
         dU[:, :, n] = G
         G = P[:, :, n] + (G if decay is None else decay[:, :, n] * G)
-    dv = torch.baddbmm(_flat(kd @ dU), _flat(A.transpose(-1, -2)), _flat(doc), alpha=scale).view_as(vc)
+    dUr = form.rows(form.urow, dU)  # gradient of k~^T v
+    dv = torch.baddbmm(_flat(form.ki @ dUr), _flat(A.transpose(-1, -2)), _flat(doc), alpha=scale).view_as(vc)
     dA = (doc @ vc.transpose(-1, -2)).mul_(scale)  # [N, H, NC, C, C]
-    dq = (doc @ states.transpose(-1, -2)).mul_(scale)  # [N, H, NC, C, K]: through the start state
-    dk = vc @ dU.transpose(-1, -2)  # through the end state
-    if dec.kind != "none":
-        dq, dk = dq.mul_(dec.q_factor()), dk.mul_(kf)
-    diag = torch.diagonal(dA, dim1=-2, dim2=-1)[..., None]  # [.., C, 1]: A_ii = q_i k_i, free of decay
-    strict = dA.tril(-1)
-    if dec.kind == "key":
-        dqi, dki = _intra_key_grads(qc, kc, dec.b, C, strict)
-    else:
-        strict = strict.mul_(M) if dec.kind == "scalar" else strict
-        dqi, dki = strict @ kc, strict.transpose(-1, -2) @ qc
+    dqi = (doc @ form.rows(form.srow, states).transpose(-1, -2)).mul_(scale)  # [N, H, NC, C, K] w.r.t. qi
+    dki = vc @ dUr.transpose(-1, -2)  # w.r.t. ki
+    diag = torch.diagonal(dA, dim1=-2, dim2=-1)[..., None].clone()  # [.., C, 1]: A_ii = q_i k_i, no decay
+    dqa, dka = form.intra_grads(qc, kc, dA.tril_(-1))
+    if not form.factored:  # state parts to the space of q, k, where the intra parts already are
+        dqi, dki = dqi.mul_(dec.q_factor()), dki.mul_(dec.k_factor())
+    x_q, x_k = (form.qi, form.ki) if form.factored else (qc, kc)
     dg = None
     if g is not None:
-        dg = _log_decay_grad(qc, kc, dq, dqi, dk, dki, states, dU, decay, dec.kind).to(g.dtype)
-    dq = dq.add_(dqi).addcmul_(diag, kc)
-    dk = dk.add_(dki).addcmul_(diag, qc)
+        dg = _log_decay_grad(x_q, dqi, dqa, x_k, dki, dka, states, dU, decay, dec.kind).to(g.dtype)
+    if form.factored:  # A_ii = qi_i . ki_i: the diagonal in the operands' space, then back to q, k
+        dq, dk = dqi.add_(dqa).addcmul_(diag, form.ki), dki.add_(dka).addcmul_(diag, form.qi)
+        if form.e1 is not None:
+            dq, dk = dq.mul_(form.e1), dk.mul_(form.e2)
+    else:
+        dq, dk = dqi.add_(dqa).addcmul_(diag, kc), dki.add_(dka).addcmul_(diag, qc)
     dh0 = None if initial_state is None else G.to(initial_state.dtype)
     return _unchunked(dq).to(q.dtype), _unchunked(dk).to(k.dtype), _unchunked(dv).to(v.dtype), dg, dh0
