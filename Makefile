@@ -5,7 +5,7 @@ PIP     := $(PY) -m pip
 STAMP   := .venv/.ipl-installed
 TORCH   := torch==2.13.0
 
-.PHONY: demo test test-slow bench compile-report clean
+.PHONY: demo test test-fast bench compile-report clean
 
 $(PY):
 	python3 -m venv .venv
@@ -23,8 +23,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) bench/run.py

@@ -21,7 +21,7 @@ settings.load_profile("ci")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped only where CUDA is absent")
-    config.addinivalue_line("markers", "slow: long-running numerics checks (`make test-slow`)")
+    config.addinivalue_line("markers", "slow: long-sequence numerics checks (in `make test`; `make test-fast` skips them)")
 
 
 def pytest_collection_modifyitems(config, items):
