@@ -55,3 +55,11 @@ def check_cu_seqlens(
     if offsets[-1] != total:
         raise ValueError(f"cu_seqlens: expected to end at T = {total}, got {offsets[-1]}")
     return len(offsets) - 1
+
+
+def sequence_spans(batch: int, total: int, cu_seqlens: Optional[torch.Tensor]):
+    """(batch row, start, end) of every sequence: one per row, or the packed ones of `cu_seqlens`."""
+    if cu_seqlens is None:
+        return [(b, 0, total) for b in range(batch)]
+    offsets = cu_seqlens.tolist()
+    return [(0, offsets[n], offsets[n + 1]) for n in range(len(offsets) - 1)]

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from ipl_layers import _ext
-from ipl_layers._checks import check_cu_seqlens, check_shape, check_tensor
+from ipl_layers._checks import check_cu_seqlens, check_shape, check_tensor, sequence_spans
 from ipl_layers.backend import resolve_backend
 from ipl_layers.ops import linear_attention_chunk as chunk
 
@@ -66,13 +66,8 @@ def linear_attention_reference(
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if cu_seqlens is None:
-        spans = [(b, 0, T) for b in range(B)]
-    else:
-        offsets = cu_seqlens.tolist()
-        spans = [(0, offsets[n], offsets[n + 1]) for n in range(len(offsets) - 1)]
     outputs, finals = [], []
-    for n, (b, start, end) in enumerate(spans):
+    for n, (b, start, end) in enumerate(sequence_spans(B, T, cu_seqlens)):
         S = torch.zeros(H, K, V, dtype=acc, device=q.device)  # [H, K, V]
         if initial_state is not None:
             S = initial_state[n].to(acc)

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ipl_layers._checks import check_cu_seqlens, check_shape, check_tensor
+from ipl_layers._checks import check_cu_seqlens, check_shape, check_tensor, sequence_spans
 from ipl_layers.backend import resolve_backend
 
 BACKENDS = ("reference", "torch", "triton")
@@ -44,15 +44,6 @@ def _check_inputs(x, weight, bias, activation, initial_state, cu_seqlens):
     return N
 
 
-def _spans(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
-    """(batch row, start, end) of every sequence along T."""
-    B, T, _ = x.shape
-    if cu_seqlens is None:
-        return [(b, 0, T) for b in range(B)]
-    offsets = cu_seqlens.tolist()
-    return [(0, offsets[n], offsets[n + 1]) for n in range(len(offsets) - 1)]
-
-
 def short_conv_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -67,7 +58,7 @@ def short_conv_reference(
     D, W = weight.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     outputs, finals = [], []
-    for n, (b, start, end) in enumerate(_spans(x, cu_seqlens)):
+    for n, (b, start, end) in enumerate(sequence_spans(x.shape[0], x.shape[1], cu_seqlens)):
         if initial_state is None:
             history = torch.zeros(W - 1, D, dtype=acc, device=x.device)  # [W-1, D]
         else:
