@@ -35,7 +35,7 @@ def pad_sequences(q, k, v, g, cu_seqlens, chunk_size) -> Tuple:
     """[B, T, H, *] (or packed [1, T, H, *] with cu_seqlens) -> [N, Tp, H, *] and the inverse for o."""
     B, T = q.shape[:2]
     if cu_seqlens is None:
-        Tp = -(-T // chunk_size) * chunk_size
+        Tp = max(-(-T // chunk_size), 1) * chunk_size  # at least one chunk, so T = 0 passes the state on
         pad = lambda x: x if x is None or Tp == T else F.pad(x, (0, 0) * (x.dim() - 2) + (0, Tp - T))  # noqa: E731
         return pad(q), pad(k), pad(v), pad(g), lambda o: o[:, :T]
     offsets = cu_seqlens.to(torch.long)
@@ -150,10 +150,29 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[-2:])
 
 
+def _scan(U, decay, start, reverse=False):
+    """The chunk recurrence x_{n+1} = decay_n x_n + U_n over n (U [N, H, NC, K, V], decay [N, H, NC, 1|K, 1]
+    or None). Forward, from x_0 = start: returns ([x_0 .. x_{NC-1}], x_NC), the states where chunks start
+    and the final one. Reverse (x_n = decay_n x_{n+1} + U_n from x_NC = start): ([x_1 .. x_NC], x_0)."""
+    NC = U.shape[2]
+    seq = torch.empty_like(U)
+    first, steps = (NC - 1, range(NC - 1, 0, -1)) if reverse else (0, range(NC - 1))
+    seq[:, :, first] = 0 if start is None else start
+    nxt = -1 if reverse else 1
+    for n in steps:
+        if decay is None:
+            torch.add(U[:, :, n], seq[:, :, n], out=seq[:, :, n + nxt])
+        else:
+            torch.addcmul(U[:, :, n], decay[:, :, n], seq[:, :, n], out=seq[:, :, n + nxt])
+    n = 0 if reverse else NC - 1
+    last = U[:, :, n] + (seq[:, :, n] if decay is None else decay[:, :, n] * seq[:, :, n])
+    return seq, last
+
+
 def chunk_forward(q, k, v, g, initial_state, scale, C):
     """Padded inputs -> (o [N, Tp, H, V] in v.dtype, saved for `chunk_backward`, final state [N, H, K, V]).
 
-    Saved: the chunk start states [N, H, NC, K, V], A [N, H, NC, C, C] and the call's `_Form`.
+    Saved: the chunk start states [N, H, NC, K, V], A [N, H, NC, C, C], the call's `_Form` and v chunked.
     """
     dt = _compute_dtype(q)
     qc, kc, vc = _chunked(q, C, dt), _chunked(k, C, dt), _chunked(v, C, dt)  # [N, H, NC, C, *]
@@ -163,14 +182,10 @@ def chunk_forward(q, k, v, g, initial_state, scale, C):
     K, V = qc.shape[-1], vc.shape[-1]
     U = form.rows(form.urow, form.ki.transpose(-1, -2) @ vc)  # [N, H, NC, K, V]: each chunk's own part
     decay = None if dec.kind == "none" else dec.chunk_decay()  # [N, H, NC, 1|K, 1]
-    S = torch.zeros(N, H, K, V, dtype=dt, device=q.device) if initial_state is None else initial_state.to(dt)
-    states = torch.empty(N, H, NC, K, V, dtype=dt, device=q.device)
-    for n in range(NC):
-        states[:, :, n] = S
-        S = U[:, :, n] + (S if decay is None else decay[:, :, n] * S)
+    states, S = _scan(U, decay, None if initial_state is None else initial_state.to(dt))
     A = form.intra(qc, kc)  # [N, H, NC, C, C]
     o = torch.baddbmm(_flat(A @ vc), _flat(form.qi), _flat(form.rows(form.srow, states))).mul_(scale)
-    return _unchunked(o.view(N, H, NC, C, V)).to(v.dtype), (states, A, form), S
+    return _unchunked(o.view(N, H, NC, C, V)).to(v.dtype), (states, A, form, vc), S
 
 
 def _log_decay_grad(qi, dqi_state, dqi_intra, ki, dki_state, dki_intra, states, dU, decay, kind):
@@ -198,19 +213,16 @@ def chunk_backward(q, k, v, g, initial_state, saved, do, dht, scale, C):
 
     The diagonal of A is kept apart: its terms cancel exactly in the log-decay gradient.
     """
-    states, A, form = saved
+    states, A, form, vc = saved
     dt = _compute_dtype(q)
-    qc, kc, vc, doc = (_chunked(x, C, dt) for x in (q, k, v, do))  # [N, H, NC, C, *]
+    doc = _chunked(do, C, dt)  # [N, H, NC, C, V]
+    # q, k themselves only where the decays are explicit; the factored form works on its operands
+    qc, kc = (None, None) if form.factored else (_chunked(q, C, dt), _chunked(k, C, dt))
     dec = form.dec
-    NC = qc.shape[2]
     decay = None if dec.kind == "none" else dec.chunk_decay()
-    # Reverse scan: dU[n] is the gradient of the state at the end of chunk n.
+    # Reverse scan: dU[n] is the gradient of the state at the end of chunk n, G that of the initial state.
     P = form.rows(form.srow, (form.qi.transpose(-1, -2) @ doc).mul_(scale))  # [N, H, NC, K, V] -> start state
-    G = torch.zeros_like(states[:, :, 0]) if dht is None else dht.to(dt)
-    dU = torch.empty_like(states)
-    for n in reversed(range(NC)):
-        dU[:, :, n] = G
-        G = P[:, :, n] + (G if decay is None else decay[:, :, n] * G)
+    dU, G = _scan(P, decay, None if dht is None else dht.to(dt), reverse=True)
     dUr = form.rows(form.urow, dU)  # gradient of k~^T v
     dv = torch.baddbmm(_flat(form.ki @ dUr), _flat(A.transpose(-1, -2)), _flat(doc), alpha=scale).view_as(vc)
     dA = (doc @ vc.transpose(-1, -2)).mul_(scale)  # [N, H, NC, C, C]

@@ -70,7 +70,7 @@ def compare(got, ref, bound):
 
 
 @pytest.mark.parametrize("g_form", G_FORMS)
-@pytest.mark.parametrize("T", [1, 15, 16, 47])
+@pytest.mark.parametrize("T", [0, 1, 15, 16, 47])
 @pytest.mark.parametrize("h0", [False, True])
 def test_torch_path_float64(g_form, T, h0):
     inputs, cu = make_inputs(2, T, 2, 8, 12, g_form, h0, torch.float64)
