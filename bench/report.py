@@ -86,8 +86,8 @@ def markdown(info, rows, goals):
             lines.append(head + f"| {status} | - | - | - | - |")
             continue
         speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        lines.append(head + f"| {r['median_s'] * 1e3:.2f} | {r['iqr_s'] * 1e3:.2f} | {r['calls']} "
-                     f"| {r['peak_bytes'] / 2**20:.1f} | {speedup} |")
+        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
+        lines.append(head + f"| {r['median_s'] * 1e3:.2f} | {r['iqr_s'] * 1e3:.2f} | {r['calls']} | {peak} | {speedup} |")
     lines += ["", "| case | T | ours fwd ms | chunked FLOP | GFLOP/s | of GEMM rate |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "fwd_flops" in r:
@@ -99,7 +99,7 @@ def markdown(info, rows, goals):
     for text, value, met in goals:
         verdict = f"not evaluated (not measured at T={TARGET_T})" if met is None else ("met" if met else "NOT met")
         lines.append(f"- {text}: {value or '-'} — {verdict}")
-    lines += ["", "speed-up = the implementation's median / ours (> 1: ours is faster). peak MiB: tensor bytes "
+    lines += ["", "speed-up = the implementation's median / ours (> 1: ours is faster). peak MiB ('-': a call over 1 s, not profiled): tensor bytes "
               "live at once during one call beyond the inputs (profiler allocator events; bench/README.md)."]
     return "\n".join(lines) + "\n"
 

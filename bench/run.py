@@ -84,17 +84,25 @@ def check_same_math(case, ours_fn, ours_impl, peer_fn, peer_impl):
     return max(((p.double() - o.double()).norm() / o.double().norm()).item() for o, p in zip(ours, peer))
 
 
+PROFILE_MAX_SECONDS = 1.0  # slower calls (token-by-token peers at T=4096) would fill memory with profiler events
+
+
+def _with_peak(fn, timing):
+    """Timing plus the call's peak tensor bytes, or None where a call is too long to profile."""
+    return timing + ((peak_tensor_bytes(fn)[0] if timing[0] <= PROFILE_MAX_SECONDS else None),)
+
+
 def measure(fn, impl, inputs, min_run_time):
-    """{pass: (median seconds, IQR seconds, timed calls, peak bytes)}: the forward, then forward+backward with the
-    gradients of every input."""
+    """{pass: (median seconds, IQR seconds, timed calls, peak bytes or None)}: the forward, then forward+backward
+    with the gradients of every input."""
     args = prepared(impl, inputs, False)
-    peak, o = peak_tensor_bytes(lambda: fn(**args))
-    result = {"fwd": median_seconds(lambda: fn(**args), min_run_time) + (peak,)}
+    forward = lambda: fn(**args)  # noqa: E731
+    result = {"fwd": _with_peak(forward, median_seconds(forward, min_run_time))}
+    o = forward()
     args = prepared(impl, inputs, True)
     leaves, do = list(args.values()), torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
     step = lambda: torch.autograd.grad(fn(**args), leaves, do)  # noqa: E731
-    peak, _ = peak_tensor_bytes(step)
-    result["fwd+bwd"] = median_seconds(step, min_run_time) + (peak,)
+    result["fwd+bwd"] = _with_peak(step, median_seconds(step, min_run_time))
     return result
 
 
