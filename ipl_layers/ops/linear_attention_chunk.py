@@ -97,26 +97,29 @@ class _Decays:
 
 
 class _Form:
-    """The operands of one call's chunked math (module docstring): the query and key operands qi, ki,
-    row scales of the start states (srow) and of the chunks' own state contributions (urow), and what
-    maps gradients of qi, ki back to q, k."""
+    """The operands of one call's chunked math (module docstring): qs, ks feed the chunk states
+    (q exp(b) and k exp(b_C - b): exponents <= 0), qi, ki the intra-chunk scores A. In the factored form
+    qi = q exp(b - m) = qs / em and ki = k exp(m - b) = ks / el (em = exp(m), el = exp(b_C - m), per
+    chunk and key channel); with explicit decays A is built from q, k themselves."""
 
     def __init__(self, qc, kc, dec: _Decays, C: int):
         self.dec, self.C = dec, C
         self.factored = dec.kind == "none" or dec.span_ok()
-        self.srow = self.urow = self.e1 = self.e2 = self.M = None
+        self.em = self.el = self.e1 = self.e2 = self.M = None
         if dec.kind == "none":
-            self.qi, self.ki = qc, kc
+            self.qs = self.qi = qc
+            self.ks = self.ki = kc
         elif self.factored:
             first, last = dec.b[..., :1, :], dec.b[..., -1:, :]  # [N, H, NC, 1, 1|K]
             mid = 0.5 * (first + last)
             self.e1 = (dec.b - mid).exp()  # [N, H, NC, C, 1|K]
             self.e2 = self.e1.reciprocal()
             self.qi, self.ki = qc * self.e1, kc * self.e2
-            self.srow = mid.exp().transpose(-1, -2)  # [N, H, NC, 1|K, 1]
-            self.urow = (last - mid).exp().transpose(-1, -2)
+            self.em, self.el = mid.exp(), (last - mid).exp()  # [N, H, NC, 1, 1|K]: scale columns, fast
+            self.qs, self.ks = self.qi * self.em, self.ki * self.el
         else:
-            self.qi, self.ki = qc * dec.q_factor(), kc * dec.k_factor()
+            self.qs = self.qi = qc * dec.q_factor()
+            self.ks = self.ki = kc * dec.k_factor()
             if dec.kind == "scalar":
                 self.M = dec.pair_decay(C)
 
@@ -136,9 +139,6 @@ class _Form:
             strict = strict * self.M
             return strict @ kc, strict.transpose(-1, -2) @ qc
         return subchunk.intra_grads(qc, kc, self.dec.b, self.C, strict)
-
-    def rows(self, scale, x):  # x [N, H, NC, K, V] with rows scaled by `scale` (None: unscaled)
-        return x if scale is None else scale * x
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -180,18 +180,19 @@ def chunk_forward(q, k, v, g, initial_state, scale, C):
     form = _Form(qc, kc, dec, C)
     N, H, NC = qc.shape[:3]
     K, V = qc.shape[-1], vc.shape[-1]
-    U = form.rows(form.urow, form.ki.transpose(-1, -2) @ vc)  # [N, H, NC, K, V]: each chunk's own part
+    U = form.ks.transpose(-1, -2) @ vc  # [N, H, NC, K, V]: each chunk's own part
     decay = None if dec.kind == "none" else dec.chunk_decay()  # [N, H, NC, 1|K, 1]
     states, S = _scan(U, decay, None if initial_state is None else initial_state.to(dt))
     A = form.intra(qc, kc)  # [N, H, NC, C, C]
-    o = torch.baddbmm(_flat(A @ vc), _flat(form.qi), _flat(form.rows(form.srow, states))).mul_(scale)
+    o = torch.baddbmm(_flat(A @ vc), _flat(form.qs), _flat(states)).mul_(scale)
     return _unchunked(o.view(N, H, NC, C, V)).to(v.dtype), (states, A, form, vc), S
 
 
-def _log_decay_grad(qi, dqi_state, dqi_intra, ki, dki_state, dki_intra, states, dU, decay, kind):
+def _log_decay_grad(x, y, states, dU, decay, kind):
     """d g [N, Tp, H(, K)] from the gradients' parts, chunk by chunk, with no cancelling terms.
 
-    Products x * dx are the same for the operands qi, ki and for q, k (the factors cancel). b_i =
+    x = q dq (state and strict intra parts) - k dk (strict intra part), y = k dk (state part), each
+    product taken in any operand space (the factors cancel). b_i =
     sum_{t <= i} g_t inside a chunk, so dg_t = sum_{i >= t} db_i. By term of the chunk's math:
     q_i exp(b_i) S0 gives db_i += q_i dq_i (state part); A_ij for j < i gives db_i += w_ij, db_j -= w_ij
     (summed: q dq - k dk over the strict intra parts; A_ii does not depend on b); k_j exp(b_C - b_j)
@@ -199,8 +200,6 @@ def _log_decay_grad(qi, dqi_state, dqi_intra, ki, dki_state, dki_intra, states, 
     exp(b_C) S0 gives db_C += sum_v exp(b_C) S0 dS_end. Nothing O(1) cancels, so dg keeps its relative
     accuracy under strong decay, where it is ~exp(g) times the terms of the global identity.
     """
-    x = qi * (dqi_state + dqi_intra) - ki * dki_intra  # [N, H, NC, C, K]
-    y = ki * dki_state
     dgc = x.flip(-2).cumsum(-2).flip(-2)
     dgc[..., 1:, :] += y[..., :-1, :].cumsum(-2)  # exclusive cumsum: only keys strictly before t
     dgc += (decay * states * dU).sum(-1)[..., None, :]  # [N, H, NC, 1, K]: through the chunk's decay
@@ -221,26 +220,26 @@ def chunk_backward(q, k, v, g, initial_state, saved, do, dht, scale, C):
     dec = form.dec
     decay = None if dec.kind == "none" else dec.chunk_decay()
     # Reverse scan: dU[n] is the gradient of the state at the end of chunk n, G that of the initial state.
-    P = form.rows(form.srow, (form.qi.transpose(-1, -2) @ doc).mul_(scale))  # [N, H, NC, K, V] -> start state
+    P = (form.qs.transpose(-1, -2) @ doc).mul_(scale)  # [N, H, NC, K, V]: to the chunk's start state
     dU, G = _scan(P, decay, None if dht is None else dht.to(dt), reverse=True)
-    dUr = form.rows(form.urow, dU)  # gradient of k~^T v
-    dv = torch.baddbmm(_flat(form.ki @ dUr), _flat(A.transpose(-1, -2)), _flat(doc), alpha=scale).view_as(vc)
+    dv = torch.baddbmm(_flat(form.ks @ dU), _flat(A.transpose(-1, -2)), _flat(doc), alpha=scale).view_as(vc)
     dA = (doc @ vc.transpose(-1, -2)).mul_(scale)  # [N, H, NC, C, C]
-    dqi = (doc @ form.rows(form.srow, states).transpose(-1, -2)).mul_(scale)  # [N, H, NC, C, K] w.r.t. qi
-    dki = vc @ dUr.transpose(-1, -2)  # w.r.t. ki
+    dqs = (doc @ states.transpose(-1, -2)).mul_(scale)  # [N, H, NC, C, K] w.r.t. qs
+    dks = vc @ dU.transpose(-1, -2)  # w.r.t. ks
     diag = torch.diagonal(dA, dim1=-2, dim2=-1)[..., None].clone()  # [.., C, 1]: A_ii = q_i k_i, no decay
-    dqa, dka = form.intra_grads(qc, kc, dA.tril_(-1))
-    if not form.factored:  # state parts to the space of q, k, where the intra parts already are
-        dqi, dki = dqi.mul_(dec.q_factor()), dki.mul_(dec.k_factor())
-    x_q, x_k = (form.qi, form.ki) if form.factored else (qc, kc)
+    dqa, dka = form.intra_grads(qc, kc, dA.tril_(-1))  # w.r.t. qi, ki (factored) or q, k
+    xq, xk = (form.qi, form.ki) if form.factored else (qc, kc)
     dg = None
     if g is not None:
-        dg = _log_decay_grad(x_q, dqi, dqa, x_k, dki, dka, states, dU, decay, dec.kind).to(g.dtype)
-    if form.factored:  # A_ii = qi_i . ki_i: the diagonal in the operands' space, then back to q, k
-        dq, dk = dqi.add_(dqa).addcmul_(diag, form.ki), dki.add_(dka).addcmul_(diag, form.qi)
-        if form.e1 is not None:
-            dq, dk = dq.mul_(form.e1), dk.mul_(form.e2)
+        x = (form.qs * dqs).addcmul_(xq, dqa).sub_(xk * dka)  # [N, H, NC, C, K]
+        dg = _log_decay_grad(x, form.ks * dks, states, dU, decay, dec.kind).to(g.dtype)
+    if dec.kind == "none":
+        dq, dk = dqs.add_(dqa).addcmul_(diag, xk), dks.add_(dka).addcmul_(diag, xq)
+    elif form.factored:  # qs = qi em, qi = q e1 (and ks = ki el, ki = k e2)
+        dq = dqs.mul_(form.em).add_(dqa).addcmul_(diag, form.ki).mul_(form.e1)
+        dk = dks.mul_(form.el).add_(dka).addcmul_(diag, form.qi).mul_(form.e2)
     else:
-        dq, dk = dqi.add_(dqa).addcmul_(diag, kc), dki.add_(dka).addcmul_(diag, qc)
+        dq = dqs.mul_(dec.q_factor()).add_(dqa).addcmul_(diag, kc)
+        dk = dks.mul_(dec.k_factor()).add_(dka).addcmul_(diag, qc)
     dh0 = None if initial_state is None else G.to(initial_state.dtype)
     return _unchunked(dq).to(q.dtype), _unchunked(dk).to(k.dtype), _unchunked(dv).to(v.dtype), dg, dh0
