@@ -1,6 +1,14 @@
 """The public functional API: one module per op family (reference, torch chunked path, dispatch)."""
 
+from ipl_layers.ops.delta_rule import delta_rule, delta_rule_reference
 from ipl_layers.ops.linear_attention import linear_attention, linear_attention_reference
 from ipl_layers.ops.short_conv import short_conv, short_conv_reference
 
-__all__ = ["linear_attention", "linear_attention_reference", "short_conv", "short_conv_reference"]
+__all__ = [
+    "delta_rule",
+    "delta_rule_reference",
+    "linear_attention",
+    "linear_attention_reference",
+    "short_conv",
+    "short_conv_reference",
+]

@@ -20,6 +20,7 @@ from ipl_layers import _ext
 from ipl_layers._checks import check_cu_seqlens, check_shape, check_tensor, sequence_spans
 from ipl_layers.backend import resolve_backend
 from ipl_layers.ops import linear_attention_chunk as chunk
+from ipl_layers.ops.chunking import pad_sequences
 
 BACKENDS = ("reference", "torch", "triton", "triton_chunk", "triton_recurrent")
 
@@ -131,7 +132,7 @@ class LinearAttentionTritonFunction(torch.autograd.Function):
 
 
 def _linear_attention_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
-    qp, kp, vp, gp, unpad = chunk.pad_sequences(q, k, v, g, cu_seqlens, chunk_size)
+    (qp, kp, vp, gp), unpad = pad_sequences([q, k, v, g], cu_seqlens, chunk_size)
     o, final = LinearAttentionChunkFunction.apply(qp, kp, vp, gp, initial_state, scale, chunk_size, output_final_state)
     return unpad(o), final
 

@@ -18,12 +18,12 @@ so A is one matmul and the decays cost two passes over q and k. Otherwise the de
 exp(b_i - b_j) masked to j <= i for scalar g, sub-chunks for per-key g (`linear_attention_subchunk`).
 """
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ipl_layers.ops import linear_attention_subchunk as subchunk
+from ipl_layers.ops.chunking import from_chunks, to_chunks
 
 # Largest in-chunk log-decay span of the factored form. Its factors stay within exp(+-40), inside fp32's
 # normal range (exp(+-87)), and every kept entry of A is <= |q||k|; entries above the diagonal can reach
@@ -31,50 +31,12 @@ from ipl_layers.ops import linear_attention_subchunk as subchunk
 SPAN_MAX = 80.0
 
 
-def pad_sequences(q, k, v, g, cu_seqlens, chunk_size) -> Tuple:
-    """[B, T, H, *] (or packed [1, T, H, *] with cu_seqlens) -> [N, Tp, H, *] and the inverse for o."""
-    B, T = q.shape[:2]
-    if cu_seqlens is None:
-        Tp = max(-(-T // chunk_size), 1) * chunk_size  # at least one chunk, so T = 0 passes the state on
-        pad = lambda x: x if x is None or Tp == T else F.pad(x, (0, 0) * (x.dim() - 2) + (0, Tp - T))  # noqa: E731
-        return pad(q), pad(k), pad(v), pad(g), lambda o: o[:, :T]
-    offsets = cu_seqlens.to(torch.long)
-    lengths = offsets[1:] - offsets[:-1]  # [N]
-    Tp = max(-(-int(lengths.max()) // chunk_size) * chunk_size, chunk_size) if lengths.numel() else chunk_size
-    pos = torch.arange(Tp, device=q.device)  # [Tp]
-    valid = pos[None, :] < lengths[:, None]  # [N, Tp]
-    index = torch.where(valid, offsets[:-1, None] + pos[None, :], T)  # [N, Tp]; T points at a zero row
-
-    def gather(x):
-        if x is None:
-            return None
-        rows = torch.cat([x[0], x.new_zeros((1,) + x.shape[2:])])  # [T + 1, H, *]
-        return rows[index]  # [N, Tp, H, *]
-
-    def unpad(o):  # [N, Tp, H, V] -> [1, T, H, V]
-        return o[valid][None]
-
-    return gather(q), gather(k), gather(v), gather(g), unpad
-
-
-def _chunked(x: torch.Tensor, C: int, dtype) -> torch.Tensor:
-    """[N, Tp, H, *] -> [N, H, NC, C, *] in the compute dtype."""
-    N, Tp, H = x.shape[:3]
-    return x.to(dtype).reshape(N, Tp // C, C, H, *x.shape[3:]).movedim(3, 1).contiguous()
-
-
-def _unchunked(x: torch.Tensor) -> torch.Tensor:
-    """[N, H, NC, C, *] -> [N, Tp, H, *]."""
-    N, H, NC, C = x.shape[:4]
-    return x.movedim(1, 3).reshape(N, NC * C, H, *x.shape[4:])
-
-
 class _Decays:
     """Log-decay bookkeeping of one call, in the chunked layout (g None, scalar or per key)."""
 
     def __init__(self, g: Optional[torch.Tensor], C: int, dtype):
         self.kind = "none" if g is None else ("scalar" if g.dim() == 3 else "key")
-        b = None if g is None else _chunked(g, C, dtype).cumsum(3)  # [N, H, NC, C(, K)]
+        b = None if g is None else to_chunks(g, C, dtype).cumsum(3)  # [N, H, NC, C(, K)]
         self.b = None if b is None else (b[..., None] if self.kind == "scalar" else b)  # [N, H, NC, C, 1|K]
 
     def q_factor(self):  # exp(b_i): [N, H, NC, C, 1|K]
@@ -175,7 +137,7 @@ def chunk_forward(q, k, v, g, initial_state, scale, C):
     Saved: the chunk start states [N, H, NC, K, V], A [N, H, NC, C, C], the call's `_Form` and v chunked.
     """
     dt = _compute_dtype(q)
-    qc, kc, vc = _chunked(q, C, dt), _chunked(k, C, dt), _chunked(v, C, dt)  # [N, H, NC, C, *]
+    qc, kc, vc = to_chunks(q, C, dt), to_chunks(k, C, dt), to_chunks(v, C, dt)  # [N, H, NC, C, *]
     dec = _Decays(g, C, dt)
     form = _Form(qc, kc, dec, C)
     N, H, NC = qc.shape[:3]
@@ -185,7 +147,7 @@ def chunk_forward(q, k, v, g, initial_state, scale, C):
     states, S = _scan(U, decay, None if initial_state is None else initial_state.to(dt))
     A = form.intra(qc, kc)  # [N, H, NC, C, C]
     o = torch.baddbmm(_flat(A @ vc), _flat(form.qs), _flat(states)).mul_(scale)
-    return _unchunked(o.view(N, H, NC, C, V)).to(v.dtype), (states, A, form, vc), S
+    return from_chunks(o.view(N, H, NC, C, V)).to(v.dtype), (states, A, form, vc), S
 
 
 def _log_decay_grad(x, y, states, dU, decay, kind):
@@ -203,7 +165,7 @@ def _log_decay_grad(x, y, states, dU, decay, kind):
     dgc = x.flip(-2).cumsum(-2).flip(-2)
     dgc[..., 1:, :] += y[..., :-1, :].cumsum(-2)  # exclusive cumsum: only keys strictly before t
     dgc += (decay * states * dU).sum(-1)[..., None, :]  # [N, H, NC, 1, K]: through the chunk's decay
-    dg = _unchunked(dgc)  # [N, Tp, H, K]
+    dg = from_chunks(dgc)  # [N, Tp, H, K]
     return dg.sum(-1) if kind == "scalar" else dg
 
 
@@ -214,9 +176,9 @@ def chunk_backward(q, k, v, g, initial_state, saved, do, dht, scale, C):
     """
     states, A, form, vc = saved
     dt = _compute_dtype(q)
-    doc = _chunked(do, C, dt)  # [N, H, NC, C, V]
+    doc = to_chunks(do, C, dt)  # [N, H, NC, C, V]
     # q, k themselves only where the decays are explicit; the factored form works on its operands
-    qc, kc = (None, None) if form.factored else (_chunked(q, C, dt), _chunked(k, C, dt))
+    qc, kc = (None, None) if form.factored else (to_chunks(q, C, dt), to_chunks(k, C, dt))
     dec = form.dec
     decay = None if dec.kind == "none" else dec.chunk_decay()
     # Reverse scan: dU[n] is the gradient of the state at the end of chunk n, G that of the initial state.
@@ -242,4 +204,4 @@ def chunk_backward(q, k, v, g, initial_state, saved, do, dht, scale, C):
         dq = dqs.mul_(dec.q_factor()).add_(dqa).addcmul_(diag, kc)
         dk = dks.mul_(dec.k_factor()).add_(dka).addcmul_(diag, qc)
     dh0 = None if initial_state is None else G.to(initial_state.dtype)
-    return _unchunked(dq).to(q.dtype), _unchunked(dk).to(k.dtype), _unchunked(dv).to(v.dtype), dg, dh0
+    return from_chunks(dq).to(q.dtype), from_chunks(dk).to(k.dtype), from_chunks(dv).to(v.dtype), dg, dh0
