@@ -2,7 +2,7 @@
 
 Every implementation is called as `fn(**inputs)` on inputs in its own layout and returns the output `o`.
 Peers are imported lazily inside `load`, so a missing package only marks its rows "not installed".
-Adding an op (delta_rule, ttt, titans, memory layers) is one more `OpCase` in `CASES`.
+Adding an op (ttt, titans, memory layers) is one more `OpCase` in `CASES`.
 """
 
 import warnings
@@ -39,7 +39,8 @@ class OpCase:
     name: str  # "<op>:<variant>"; `--ops <op>` selects every variant
     make_inputs: Callable[[Shape, torch.Generator], Dict[str, torch.Tensor]]  # [B, T, H, D] layout
     impls: Tuple[Impl, ...]  # ours first
-    fwd_flops: Callable[[Shape], float]  # FLOPs of our chunked forward algorithm (bench/README.md)
+    # FLOPs of our chunked forward (bench/README.md), for ops with a matmul-rate target; None: no such target
+    fwd_flops: Optional[Callable[[Shape], float]] = None
 
     def __post_init__(self):
         if not self.impls or self.impls[0].role != OURS or any(i.role == OURS for i in self.impls[1:]):
@@ -148,6 +149,66 @@ CASES: Tuple[OpCase, ...] = (
         ),
     ),
 )
+
+
+# ---- delta_rule: S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t ----
+
+def _delta_rule_inputs(gated: bool):
+    def make(s: Shape, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+        randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+        inputs = {
+            "q": F.normalize(randn(s.B, s.T, s.H, s.K), dim=-1),  # unit q, k as DeltaNet layers make them
+            "k": F.normalize(randn(s.B, s.T, s.H, s.K), dim=-1),
+            "v": randn(s.B, s.T, s.H, s.V),
+            "beta": torch.sigmoid(randn(s.B, s.T, s.H)),  # [B, T, H] learning rates in (0, 1)
+        }
+        if gated:
+            inputs["g"] = F.logsigmoid(randn(s.B, s.T, s.H))  # [B, T, H] log-decay
+        return inputs
+
+    return make
+
+
+def _ours_delta_rule(backend: str, chunk: int) -> Callable:
+    from ipl_layers.ops.delta_rule import delta_rule
+
+    def fn(q, k, v, beta, g=None):
+        return delta_rule(q, k, v, beta, g, backend=backend, chunk_size=chunk)[0]
+
+    return fn
+
+
+def _fla_chunk_gated_delta_rule() -> Callable:
+    from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule  # [B, T, H, D], g/beta [B, T, H]
+
+    return lambda q, k, v, beta, g: naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=64)[0]
+
+
+def _fla_chunk_delta_rule() -> Callable:
+    from fla.ops.delta_rule.naive import delta_rule_chunkwise  # [B, H, T, D], beta [B, H, T]; T % chunk == 0
+
+    def fn(q, k, v, beta):  # the layout moves are timed with it (< 1% of its time at T=4096)
+        heads_first = [x.transpose(1, 2) for x in (q, k, v, beta)]
+        return delta_rule_chunkwise(*heads_first, chunk_size=64)[0].transpose(1, 2)
+
+    return fn
+
+
+DELTA_RULE_CASES = (
+    OpCase(
+        "delta_rule:plain", _delta_rule_inputs(False),
+        (Impl("ours delta_rule (g=None)", OURS, _ours_delta_rule),
+         Impl("fla delta_rule_chunkwise", SAME_MATH, _fla(_fla_chunk_delta_rule),
+              note="chunked, C=64; needs T % 64 == 0; its [B, H, T, D] layout moves are timed with it")),
+    ),
+    OpCase(
+        "delta_rule:gated", _delta_rule_inputs(True),
+        (Impl("ours delta_rule (g=scalar)", OURS, _ours_delta_rule),
+         Impl("fla naive_chunk_gated_delta_rule", SAME_MATH, _fla(_fla_chunk_gated_delta_rule), note="chunked, C=64")),
+    ),
+)
+
+CASES = CASES + DELTA_RULE_CASES
 
 
 def select(names) -> Tuple[OpCase, ...]:

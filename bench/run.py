@@ -163,7 +163,7 @@ def table_rows(case, shape, loaded, math, results):
                 row["median_s"], row["iqr_s"], row["calls"], row["peak_bytes"] = got[pass_name]
                 if impl.role != OURS and not isinstance(ours, str):
                     row["speedup"] = row["median_s"] / ours[pass_name][0]
-                if impl.role == OURS and pass_name == "fwd":
+                if impl.role == OURS and pass_name == "fwd" and case.fwd_flops is not None:
                     row["fwd_flops"] = case.fwd_flops(shape)
             rows.append(row)
     return rows
