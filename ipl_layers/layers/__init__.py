@@ -1,7 +1,16 @@
 """nn.Modules: projections, gates, short convolutions and norms around one op call."""
 
 from ipl_layers.layers.conv import ShortConvolution
+from ipl_layers.layers.delta_rule import DeltaNet, GatedDeltaNet
 from ipl_layers.layers.linear_attention import GatedLinearAttention, LinearAttention
 from ipl_layers.layers.norm import GatedRMSNorm, RMSNorm
 
-__all__ = ["GatedLinearAttention", "GatedRMSNorm", "LinearAttention", "RMSNorm", "ShortConvolution"]
+__all__ = [
+    "DeltaNet",
+    "GatedDeltaNet",
+    "GatedLinearAttention",
+    "GatedRMSNorm",
+    "LinearAttention",
+    "RMSNorm",
+    "ShortConvolution",
+]

@@ -83,6 +83,15 @@ class _LinearAttentionLayer(nn.Module):
     def _log_decay(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
+    def _run_op(self, q, k, v, x, initial_state, use_cache, cu_seqlens):
+        """The op call on q, k [B, T, H, K], v [B, T, H, V] and the layer input x [B, T, hidden] (for gates):
+        returns o [B, T, H, V] and the final state (None without use_cache). Layers around another op
+        override it."""
+        return linear_attention(
+            q, k, v, self._log_decay(x), initial_state=initial_state, output_final_state=use_cache,
+            cu_seqlens=cu_seqlens, backend=self.backend,
+        )
+
     def _check_inputs(self, hidden_states, cu_seqlens, past_key_values, use_cache):
         name = type(self).__name__
         if not isinstance(hidden_states, torch.Tensor):
@@ -152,10 +161,7 @@ class _LinearAttentionLayer(nn.Module):
         k = k.unflatten(-1, (self.num_heads, self.head_k_dim))  # [B, T, H, K]
         v = v.unflatten(-1, (self.num_heads, self.head_v_dim))  # [B, T, H, V]
         q, k = self._feature_map(q, k)
-        o, recurrent_state = linear_attention(
-            q, k, v, self._log_decay(x), initial_state=last.get("recurrent_state"),
-            output_final_state=use_cache, cu_seqlens=cu_seqlens, backend=self.backend,
-        )  # [B, T, H, V]
+        o, recurrent_state = self._run_op(q, k, v, x, last.get("recurrent_state"), use_cache, cu_seqlens)
         if use_cache:
             past_key_values.update(self.layer_idx, offset=T, recurrent_state=recurrent_state, conv_state=conv_state)
 
