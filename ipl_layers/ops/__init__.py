@@ -3,6 +3,7 @@
 from ipl_layers.ops.delta_rule import delta_rule, delta_rule_reference
 from ipl_layers.ops.linear_attention import linear_attention, linear_attention_reference
 from ipl_layers.ops.short_conv import short_conv, short_conv_reference
+from ipl_layers.ops.ttt_linear import ttt_linear, ttt_linear_reference
 
 __all__ = [
     "delta_rule",
@@ -11,4 +12,6 @@ __all__ = [
     "linear_attention_reference",
     "short_conv",
     "short_conv_reference",
+    "ttt_linear",
+    "ttt_linear_reference",
 ]
