@@ -208,7 +208,53 @@ DELTA_RULE_CASES = (
     ),
 )
 
-CASES = CASES + DELTA_RULE_CASES
+
+# ---- ttt_linear: mini-batch GD on 1/2 ||LN(k W + b) - (v - k)||^2, o = q + LN(q W_i + b_i) ----
+
+def _ttt_linear_inputs(s: Shape, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    return {
+        "q": F.normalize(randn(s.B, s.T, s.H, s.K), dim=-1),
+        "k": F.normalize(randn(s.B, s.T, s.H, s.K), dim=-1),
+        "v": randn(s.B, s.T, s.H, s.V),
+        "eta": torch.sigmoid(randn(s.B, s.T, s.H)) / s.K,  # the paper's base lr 1 / head dim times a sigmoid
+        "ln_weight": torch.ones(s.H, s.K),
+        "ln_bias": torch.zeros(s.H, s.K),
+        "W0": 0.02 * randn(s.B, s.H, s.K, s.K),  # a learnable non-zero start, as the layer has
+        "b0": torch.zeros(s.B, s.H, s.K),
+    }
+
+
+def _ours_ttt_linear(backend: str, chunk: int) -> Callable:
+    from ipl_layers.ops.ttt_linear import ttt_linear
+
+    def fn(q, k, v, eta, ln_weight, ln_bias, W0, b0):
+        return ttt_linear(q, k, v, eta, ln_weight=ln_weight, ln_bias=ln_bias, mini_batch_size=16,
+                          initial_state=(W0, b0), backend=backend)[0]
+
+    return fn
+
+
+def _fla_ttt_linear() -> Callable:
+    from fla.ops.ttt.naive import chunk_ttt_linear_ref  # [B, T, H, D]; eta [B, T, H, 1]; scales q in place
+
+    def fn(q, k, v, eta, ln_weight, ln_bias, W0, b0):
+        return chunk_ttt_linear_ref(q.clone(), k, v, ln_weight, ln_bias, eta[..., None], mini_batch_size=16,
+                                    initial_state=W0, initial_state_bias=b0[:, :, None])[0]
+
+    return fn
+
+
+TTT_LINEAR_CASES = (
+    OpCase(
+        "ttt_linear:mb16", _ttt_linear_inputs,
+        (Impl("ours ttt_linear (mini-batch 16)", OURS, _ours_ttt_linear),
+         Impl("fla chunk_ttt_linear_ref", BASELINE, _fla(_fla_ttt_linear),
+              note="fla's TTT-Linear reference: lr per query position, o + LN(o) output, q scaled: a speed peer")),
+    ),
+)
+
+CASES = CASES + DELTA_RULE_CASES + TTT_LINEAR_CASES
 
 
 def select(names) -> Tuple[OpCase, ...]:
