@@ -5,13 +5,13 @@ float64 running the token-by-token reference op one sample at a time; the layer 
 once against the op and norms composed by hand.
 """
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_rel_rms
+from layer_checks import assert_states, left_padded, per_sample, with_backend
 
 from ipl_layers.layers import DeltaNet, GatedDeltaNet
 from ipl_layers.ops import delta_rule_reference
@@ -34,52 +34,13 @@ def make_layer(kind: str) -> torch.nn.Module:
     return GatedDeltaNet(HIDDEN, num_heads=2, layer_idx=0)
 
 
-def with_backend(layer: torch.nn.Module, backend: str, dtype: torch.dtype) -> torch.nn.Module:
-    out = copy.deepcopy(layer).to(dtype)
-    for m in out.modules():
-        if hasattr(m, "backend"):
-            m.backend = backend
-    return out
-
-
-def left_padded(lengths, T, dtype):
-    """x [B, T, HIDDEN] and its left-padding mask [B, T] for sequences of the given lengths."""
-    x = torch.randn(len(lengths), T, HIDDEN, dtype=dtype)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, T - n :] = 1
-    return x, mask
-
-
-def per_sample(ref, x, lengths):
-    """Each sample alone (no padding) through the reference layer: outputs and its cache states."""
-    T = x.shape[1]
-    outs, caches = [], []
-    for b, n in enumerate(lengths):
-        o, _, cache = ref(x[b : b + 1, T - n :].double(), use_cache=True)
-        outs.append(F.pad(o, (0, 0, T - n, 0)))  # zeros at the padded positions
-        caches.append(cache[0])
-    return torch.cat(outs), caches
-
-
-def assert_states(name, cache, refs, bound):
-    """The cache of one batched/packed run holds, row by row, the states of the per-sample runs."""
-    state = cache[0]
-    ref_state = torch.cat([c["recurrent_state"] for c in refs])
-    assert_rel_rms(f"{name} recurrent_state", state["recurrent_state"], ref_state, bound)
-    if "conv_state" in state:
-        for i, qkv in enumerate("qkv"):
-            ref_conv = torch.cat([c["conv_state"][i] for c in refs])
-            assert_rel_rms(f"{name} conv_state {qkv}", state["conv_state"][i], ref_conv, bound)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, FP32_BOUND), (torch.float64, FP64_BOUND)])
 def test_padding_mask_equals_varlen_equals_per_sample(kind, dtype, bound):
     layer = with_backend(make_layer(kind), "torch", dtype)
     ref = with_backend(layer, "reference", torch.float64)
     T = max(LENGTHS)
-    x, mask = left_padded(LENGTHS, T, dtype)
+    x, mask = left_padded(LENGTHS, T, dtype, HIDDEN)
     o_ref, caches_ref = per_sample(ref, x, LENGTHS)
 
     o_mask, _, cache_mask = layer(x, attention_mask=mask, use_cache=True)
@@ -103,7 +64,7 @@ def test_prefill_then_decode_equals_full_forward(kind, dtype, bound):
     layer = with_backend(make_layer(kind), "torch", dtype)
     prompt, steps = 11, 5
     lengths = [n + steps for n in (prompt, 4, 0)]
-    x, mask = left_padded(lengths, prompt + steps, dtype)
+    x, mask = left_padded(lengths, prompt + steps, dtype, HIDDEN)
     o_full, caches_ref = per_sample(with_backend(layer, "reference", torch.float64), x, lengths)
 
     o, _, cache = layer(x[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
@@ -120,7 +81,7 @@ def test_prefill_then_decode_equals_full_forward(kind, dtype, bound):
 def test_gradients_reach_every_parameter_and_match_reference(kind):
     layer = with_backend(make_layer(kind), "torch", torch.float32)
     ref = with_backend(layer, "reference", torch.float64)
-    x, mask = left_padded([20, 7], 20, torch.float32)
+    x, mask = left_padded([20, 7], 20, torch.float32, HIDDEN)
     x.requires_grad_(True)
     x_ref = x.detach().double().requires_grad_(True)
     w = torch.randn(2, 20, HIDDEN)  # a random cotangent, so every output direction matters
@@ -136,7 +97,7 @@ def test_gradients_reach_every_parameter_and_match_reference(kind):
 def test_bfloat16_layer_keeps_dtype_with_fp32_states(kind):
     layer = with_backend(make_layer(kind), "torch", torch.bfloat16)
     ref = with_backend(layer, "reference", torch.float64)
-    x, mask = left_padded([30, 12], 30, torch.float32)
+    x, mask = left_padded([30, 12], 30, torch.float32, HIDDEN)
     o, _, cache = layer(x.bfloat16(), attention_mask=mask, use_cache=True)
     assert o.dtype == torch.bfloat16
     assert cache[0]["recurrent_state"].dtype == torch.float32
