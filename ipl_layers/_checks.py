@@ -30,6 +30,25 @@ def check_shape(name: str, x: torch.Tensor, expected: Sequence[int], dims: str):
         raise ValueError(f"{name}: expected shape [{dims}] = {_fmt(expected)}, got {_fmt(x.shape)}")
 
 
+def check_qkv(q, k, v, *, same_kv: bool = False):
+    """q, k [B, T, H, K] and v [B, T, H, V] (V == K with `same_kv`), one dtype and device; returns B, T, H, K, V."""
+    check_tensor("q", q, 4, "B, T, H, K")
+    B, T, H, K = q.shape
+    check_tensor("k", k, 4, "B, T, H, K", like=q)
+    check_shape("k", k, (B, T, H, K), "B, T, H, K")
+    check_tensor("v", v, 4, "B, T, H, V", like=q)
+    V = K if same_kv else v.shape[-1]
+    check_shape("v", v, (B, T, H, V), "B, T, H, V (V == K)" if same_kv else "B, T, H, V")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
+    return B, T, H, K, V
+
+
+def check_positive_int(name: str, x):
+    if not isinstance(x, int) or x < 1:
+        raise ValueError(f"{name}: expected a positive int, got {x!r}")
+
+
 def check_cu_seqlens(
     cu_seqlens: Optional[torch.Tensor], batch: int, total: int, device: torch.device, like_name: str = "q"
 ) -> int:

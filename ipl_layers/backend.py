@@ -21,6 +21,11 @@ def resolve_backend(op: str, backend: Optional[str], device: torch.device, choic
     name = backend if backend is not None else os.environ.get(ENV_VAR) or None
     if name is None:
         name = "triton" if device.type == "cuda" and triton_available() else "torch"
+        if name not in choices:  # an op whose Triton kernels do not exist yet
+            raise RuntimeError(
+                f"{op}: no Triton kernels yet for CUDA tensors; pass backend= one of {tuple(choices)} "
+                f"(or set {ENV_VAR})"
+            )
     if name not in choices:
         source = "backend" if backend is not None else ENV_VAR
         raise ValueError(f"{op}: {source} = {name!r} is not one of {tuple(choices)}")

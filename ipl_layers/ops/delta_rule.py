@@ -11,14 +11,15 @@ This module holds the token-by-token reference, the dispatching entry point and 
 of the torch chunked path (`delta_rule_chunk.py`); the Triton kernels come later.
 """
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ipl_layers._checks import check_cu_seqlens, check_shape, check_tensor, sequence_spans
-from ipl_layers.backend import ENV_VAR, resolve_backend
+from ipl_layers._checks import (
+    check_cu_seqlens, check_positive_int, check_qkv, check_shape, check_tensor, sequence_spans,
+)
+from ipl_layers.backend import resolve_backend
 from ipl_layers.ops import delta_rule_chunk as chunk
 from ipl_layers.ops.chunking import pad_sequences
 
@@ -26,15 +27,7 @@ BACKENDS = ("reference", "torch")
 
 
 def _check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, chunk_size):
-    check_tensor("q", q, 4, "B, T, H, K")
-    check_tensor("k", k, 4, "B, T, H, K", like=q)
-    check_tensor("v", v, 4, "B, T, H, V", like=q)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    check_shape("k", k, (B, T, H, K), "B, T, H, K")
-    check_shape("v", v, (B, T, H, V), "B, T, H, V")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
+    B, T, H, K, V = check_qkv(q, k, v)
     check_tensor("beta", beta, 3, "B, T, H", like=q)
     check_shape("beta", beta, (B, T, H), "B, T, H")
     if g is not None:
@@ -44,8 +37,7 @@ def _check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, chunk_size):
     if initial_state is not None:
         check_tensor("initial_state", initial_state, 4, "N, H, K, V", like=q)
         check_shape("initial_state", initial_state, (N, H, K, V), "N, H, K, V")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size)
     return N
 
 
@@ -112,16 +104,6 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _resolve(backend: Optional[str], device: torch.device) -> str:
-    """Only the reference and the torch path exist yet: on CUDA the default (Triton) has nothing to run."""
-    if backend is None and not os.environ.get(ENV_VAR) and device.type == "cuda":
-        raise RuntimeError(
-            f"delta_rule: no Triton kernels yet for CUDA tensors; pass backend= one of {BACKENDS} "
-            f"(or set {ENV_VAR})"
-        )
-    return resolve_backend("delta_rule", backend, device, BACKENDS)
-
-
 def delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -156,7 +138,7 @@ def delta_rule(
     """
     _check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    name = _resolve(backend, q.device)
+    name = resolve_backend("delta_rule", backend, q.device, BACKENDS)
     if name == "reference":
         return delta_rule_reference(
             q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,

@@ -17,7 +17,9 @@ from typing import Optional, Tuple
 import torch
 
 from ipl_layers import _ext
-from ipl_layers._checks import check_cu_seqlens, check_shape, check_tensor, sequence_spans
+from ipl_layers._checks import (
+    check_cu_seqlens, check_positive_int, check_qkv, check_shape, check_tensor, sequence_spans,
+)
 from ipl_layers.backend import resolve_backend
 from ipl_layers.ops import linear_attention_chunk as chunk
 from ipl_layers.ops.chunking import pad_sequences
@@ -26,15 +28,7 @@ BACKENDS = ("reference", "torch", "triton", "triton_chunk", "triton_recurrent")
 
 
 def _check_inputs(q, k, v, g, initial_state, cu_seqlens, chunk_size):
-    check_tensor("q", q, 4, "B, T, H, K")
-    check_tensor("k", k, 4, "B, T, H, K", like=q)
-    check_tensor("v", v, 4, "B, T, H, V", like=q)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    check_shape("k", k, (B, T, H, K), "B, T, H, K")
-    check_shape("v", v, (B, T, H, V), "B, T, H, V")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
+    B, T, H, K, V = check_qkv(q, k, v)
     if g is not None:
         if not isinstance(g, torch.Tensor) or g.dim() not in (3, 4):
             got = f"shape {list(g.shape)}" if isinstance(g, torch.Tensor) else type(g).__name__
@@ -46,8 +40,7 @@ def _check_inputs(q, k, v, g, initial_state, cu_seqlens, chunk_size):
     if initial_state is not None:
         check_tensor("initial_state", initial_state, 4, "N, H, K, V", like=q)
         check_shape("initial_state", initial_state, (N, H, K, V), "N, H, K, V")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size)
     return N
 
 
@@ -187,7 +180,7 @@ def linear_attention(
     Returns:
         o: [B, T, H, V] in the dtype of v; final_state: fp32 [N, H, K, V] or None.
     """
-    N = _check_inputs(q, k, v, g, initial_state, cu_seqlens, chunk_size)
+    _check_inputs(q, k, v, g, initial_state, cu_seqlens, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     name = resolve_backend("linear_attention", backend, q.device, BACKENDS)
     if name == "reference":

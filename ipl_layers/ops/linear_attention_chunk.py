@@ -141,7 +141,7 @@ def chunk_forward(q, k, v, g, initial_state, scale, C):
     dec = _Decays(g, C, dt)
     form = _Form(qc, kc, dec, C)
     N, H, NC = qc.shape[:3]
-    K, V = qc.shape[-1], vc.shape[-1]
+    V = vc.shape[-1]
     U = form.ks.transpose(-1, -2) @ vc  # [N, H, NC, K, V]: each chunk's own part
     decay = None if dec.kind == "none" else dec.chunk_decay()  # [N, H, NC, 1|K, 1]
     states, S = _scan(U, decay, None if initial_state is None else initial_state.to(dt))

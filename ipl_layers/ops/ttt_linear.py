@@ -14,13 +14,14 @@ This module holds the token-by-token reference, the input checks and the dispatc
 torch path (dual form, `ttt_linear_chunk.py`) is differentiated by autograd; the Triton kernels come later.
 """
 
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ipl_layers._checks import check_cu_seqlens, check_shape, check_tensor, sequence_spans
-from ipl_layers.backend import ENV_VAR, resolve_backend
+from ipl_layers._checks import (
+    check_cu_seqlens, check_positive_int, check_qkv, check_shape, check_tensor, sequence_spans,
+)
+from ipl_layers.backend import resolve_backend
 from ipl_layers.ops import ttt_linear_chunk as chunk
 from ipl_layers.ops.chunking import pad_sequences
 
@@ -30,22 +31,14 @@ State = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 def _check_inputs(q, k, v, eta, ln_weight, ln_bias, token_scale, mini_batch_size, initial_state, cu_seqlens):
-    check_tensor("q", q, 4, "B, T, H, K")
-    B, T, H, K = q.shape
-    check_tensor("k", k, 4, "B, T, H, K", like=q)
-    check_shape("k", k, (B, T, H, K), "B, T, H, K")
-    check_tensor("v", v, 4, "B, T, H, V", like=q)
-    check_shape("v", v, (B, T, H, K), "B, T, H, V (V == K)")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"k, v: expected the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
+    B, T, H, K, _ = check_qkv(q, k, v, same_kv=True)
     check_tensor("eta", eta, 3, "B, T, H", like=q)
     check_shape("eta", eta, (B, T, H), "B, T, H")
     for name, x in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if x is not None:
             check_tensor(name, x, 2, "H, K", like=q)
             check_shape(name, x, (H, K), "H, K")
-    if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-        raise ValueError(f"mini_batch_size: expected a positive int, got {mini_batch_size!r}")
+    check_positive_int("mini_batch_size", mini_batch_size)
     if token_scale is not None:
         per_head = isinstance(token_scale, torch.Tensor) and token_scale.dim() != 1
         shape, dims = ((H, mini_batch_size), "H, b") if per_head else ((mini_batch_size,), "b")
@@ -144,16 +137,6 @@ def ttt_linear_reference(
     return o.to(v.dtype), final
 
 
-def _resolve(backend: Optional[str], device: torch.device) -> str:
-    """Only the reference and the torch path exist yet: on CUDA the default (Triton) has nothing to run."""
-    if backend is None and not os.environ.get(ENV_VAR) and device.type == "cuda":
-        raise RuntimeError(
-            f"ttt_linear: no Triton kernels yet for CUDA tensors; pass backend= one of {BACKENDS} "
-            f"(or set {ENV_VAR})"
-        )
-    return resolve_backend("ttt_linear", backend, device, BACKENDS)
-
-
 def ttt_linear(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -196,7 +179,7 @@ def ttt_linear(
         fp32 (float64 for float64 inputs); b is zeros without bias.
     """
     N = _check_inputs(q, k, v, eta, ln_weight, ln_bias, token_scale, mini_batch_size, initial_state, cu_seqlens)
-    name = _resolve(backend, q.device)
+    name = resolve_backend("ttt_linear", backend, q.device, BACKENDS)
     flags = dict(use_ln=use_ln, use_residual=use_residual, use_bias=use_bias)
     if name == "reference":
         return ttt_linear_reference(

@@ -14,7 +14,6 @@ from layer_checks import assert_states, left_padded, per_sample, with_backend
 
 from ipl_layers.layers import GatedLinearAttention, GatedRMSNorm, LinearAttention, RMSNorm, ShortConvolution
 from ipl_layers.ops import short_conv_reference
-from ipl_layers.state import FastWeightCache
 
 FP32_BOUND = 2e-5  # float32 torch path vs float64 reference
 FP64_BOUND = 1e-10  # float64 torch path vs float64 reference (same math, different order)

@@ -177,7 +177,11 @@ def test_default_backend_on_cpu_is_torch(monkeypatch):
 
 
 def test_cuda_without_triton_path_names_the_backends(monkeypatch):
-    from ipl_layers.ops.delta_rule import _resolve
+    from ipl_layers.backend import resolve_backend
+    from ipl_layers.ops.delta_rule import BACKENDS
+
+    def _resolve(backend, device):
+        return resolve_backend("delta_rule", backend, device, BACKENDS)
 
     monkeypatch.delenv("IPL_BACKEND", raising=False)
     with pytest.raises(RuntimeError, match=r"no Triton kernels yet .* \('reference', 'torch'\)"):
