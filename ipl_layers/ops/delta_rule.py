@@ -7,8 +7,8 @@ Recurrence per sequence and head, with state S [K, V] and `k_t`, `q_t` row vecto
 that is, with D_t = exp(g_t), S_t = D_t S_{t-1} + beta_t k_t^T (v_t - k_t D_t S_{t-1}): one SGD step of
 learning rate beta_t on 1/2 ||k_t S - v_t||^2 from the decayed state. g None is DeltaNet (D_t = 1).
 
-This module holds the token-by-token reference, the dispatching entry point and the autograd Function
-of the torch chunked path (`delta_rule_chunk.py`); the Triton kernels come later.
+This module holds the token-by-token reference, the dispatching entry point and the two autograd
+Functions (torch chunked path: `delta_rule_chunk.py`; Triton: `ipl_layers.kernels.delta_rule`).
 """
 
 from typing import Optional, Tuple
@@ -23,7 +23,7 @@ from ipl_layers.backend import resolve_backend
 from ipl_layers.ops import delta_rule_chunk as chunk
 from ipl_layers.ops.chunking import pad_sequences
 
-BACKENDS = ("reference", "torch")
+BACKENDS = ("reference", "torch", "triton", "triton_chunk", "triton_recurrent")
 
 
 def _check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, chunk_size):
@@ -104,6 +104,43 @@ class DeltaRuleChunkFunction(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+class DeltaRuleTritonFunction(torch.autograd.Function):
+    """Triton path: the chunked kernels (WY form), or the fused recurrent kernels (`recurrent=True`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, initial_state, cu_seqlens, scale, chunk_size, output_final_state, recurrent):
+        saved = None
+        if recurrent:
+            from ipl_layers.kernels.delta_rule.fused_recurrent import fused_recurrent_fwd
+
+            o, final = fused_recurrent_fwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, output_final_state)
+        else:
+            from ipl_layers.kernels.delta_rule.chunk_fwd import chunk_fwd
+
+            o, final, saved = chunk_fwd(
+                q, k, v, beta, g, scale, initial_state, cu_seqlens, output_final_state, chunk_size
+            )
+        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens)
+        # the chunk intermediates (A, w, u, hs, v_new: fp32) are held only when a gradient will be asked for
+        ctx.chunk_saved = saved if any(ctx.needs_input_grad) else None
+        ctx.scale, ctx.recurrent = scale, recurrent
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, g, initial_state, cu_seqlens = ctx.saved_tensors
+        if ctx.recurrent:
+            from ipl_layers.kernels.delta_rule.fused_recurrent import fused_recurrent_bwd
+
+            grads = fused_recurrent_bwd(q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, do, dht)
+        else:
+            from ipl_layers.kernels.delta_rule.chunk_bwd import chunk_bwd
+
+            grads = chunk_bwd(q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, do, dht, ctx.chunk_saved)
+            del ctx.chunk_saved
+        return (*grads, None, None, None, None, None)
+
+
 def delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,13 +165,17 @@ def delta_rule(
         initial_state: [N, H, K, V] (N = B, or the number of sequences with `cu_seqlens`).
         output_final_state: also return the state after the last token, fp32 [N, H, K, V].
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
-        use_qk_l2norm: L2-normalise q and k over K inside the op (differentiably), in fp32.
-        chunk_size: chunk length of the chunked path.
-        backend: "torch" (chunked, the CPU path) or "reference". Default: `IPL_BACKEND`, else "torch" on
-            CPU; CUDA tensors need an explicit backend until the Triton kernels exist.
+        use_qk_l2norm: L2-normalise q and k over K inside the op (differentiably), in fp32 (the Triton
+            backends then take them back to q's dtype).
+        chunk_size: chunk length of the chunked paths (the Triton kernels round it up to a power of two
+            within [16, 64]).
+        backend: "torch" (chunked, the CPU path), "triton" (chunked kernels, or the fused recurrent kernel
+            when T < chunk_size), "triton_chunk", "triton_recurrent", or "reference".
+            Default: `IPL_BACKEND`, else "triton" on CUDA and "torch" elsewhere.
 
     Returns:
-        o: [B, T, H, V] in the dtype of v; final_state: fp32 [N, H, K, V] (float64 for float64 inputs) or None.
+        o: [B, T, H, V] in the dtype of v; final_state: fp32 [N, H, K, V] (float64 for float64 inputs on the torch
+            and reference paths) or None.
     """
     _check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -143,6 +184,13 @@ def delta_rule(
         return delta_rule_reference(
             q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+        )
+    if name != "torch":
+        if use_qk_l2norm:  # back in the input dtype: the kernels' dots take one dtype for q, k and v
+            q, k = _l2norm(q).to(q.dtype), _l2norm(k).to(k.dtype)
+        recurrent = name == "triton_recurrent" or (name == "triton" and q.shape[1] < chunk_size)
+        return DeltaRuleTritonFunction.apply(
+            q, k, v, beta, g, initial_state, cu_seqlens, scale, chunk_size, output_final_state, recurrent
         )
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)

@@ -11,6 +11,8 @@ Both kernels see the decay as C channels per token (C = H for a scalar decay, H 
   (x summed over the key channels of a head for a scalar decay, f over the state entries of the channel).
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -79,7 +81,7 @@ def linear_attn_chunk_dg_kernel(
 def linear_attn_chunk_cumsum(g: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """Chunk-local inclusive cumsum of g ([B, T, H] or [B, T, H, K]), fp32, same shape."""
     g = g.contiguous()
-    C = g[0, 0].numel()
+    C = math.prod(g.shape[2:])  # channels per token (g[0, 0] does not exist when T = 0)
     gc = torch.empty(g.shape, device=g.device, dtype=torch.float32)
     grid = (layout.NT, triton.cdiv(C, CHANNEL_BLOCK))
     linear_attn_chunk_cumsum_kernel[grid](g, gc, layout.chunk_spans, C, BT=layout.BT, BD=CHANNEL_BLOCK)
@@ -88,7 +90,7 @@ def linear_attn_chunk_cumsum(g: torch.Tensor, layout: ChunkLayout) -> torch.Tens
 
 def linear_attn_chunk_dg(x: torch.Tensor, final, dtype: torch.dtype, layout: ChunkLayout) -> torch.Tensor:
     """dg from x (fp32, the shape of g) and the final-state term ([N, ...] fp32 or None), in `dtype`."""
-    C = x[0, 0].numel()
+    C = math.prod(x.shape[2:])
     dg = torch.empty(x.shape, device=x.device, dtype=dtype)
     final = final.contiguous() if final is not None else None
     grid = (triton.cdiv(C, CHANNEL_BLOCK), layout.N)

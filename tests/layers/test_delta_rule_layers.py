@@ -17,7 +17,7 @@ from ipl_layers.layers import DeltaNet, GatedDeltaNet
 from ipl_layers.ops import delta_rule_reference
 from ipl_layers.state import FastWeightCache
 
-FP32_BOUND = 2e-5  # float32 torch path vs float64 reference
+FP32_BOUND = 2e-5  # float32 torch and Triton paths vs float64 reference
 FP64_BOUND = 1e-10  # float64 torch path vs float64 reference (same math, different order)
 BF16_BOUND = 3e-2  # bfloat16 parameters and activations vs float64 reference
 
@@ -75,6 +75,25 @@ def test_prefill_then_decode_equals_full_forward(kind, dtype, bound):
     assert_rel_rms("prefill + decode", torch.cat(outs, 1), o_full, bound)
     assert_states("prefill + decode", cache, caches_ref, bound)
     assert cache.get_seq_length(0) == prompt + steps
+
+
+@pytest.mark.parametrize("kind", ["delta", "gated_delta"])
+def test_triton_backend_prefill_then_decode(kind):
+    """The generation-style run on the Triton kernels (interpreter on CPU, float32): a left-padded prompt
+    longer than a 64-token chunk goes through the chunked kernels (packed varlen), then single-token
+    decode steps through the fused recurrent ones."""
+    layer = with_backend(make_layer(kind), "triton", torch.float32)
+    prompt, steps = 66, 3
+    lengths = [prompt + steps, 5]
+    x, mask = left_padded(lengths, prompt + steps, torch.float32, HIDDEN)
+    o_full, caches_ref = per_sample(with_backend(layer, "reference", torch.float64), x, lengths)
+    o, _, cache = layer(x[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
+    outs = [o]
+    for t in range(prompt, prompt + steps):
+        o, _, cache = layer(x[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+        outs.append(o)
+    assert_rel_rms("triton prefill + decode", torch.cat(outs, 1), o_full, FP32_BOUND)
+    assert_states("triton prefill + decode", cache, caches_ref, FP32_BOUND)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,5 +1,8 @@
-"""`delta_rule` (DeltaNet, Gated DeltaNet) on the torch chunked path against the float64 token-by-token
-reference: outputs, final states and the gradients of q, k, v, beta, g and initial_state."""
+"""`delta_rule` (DeltaNet, Gated DeltaNet) on the torch chunked path and the Triton paths (interpreter, fp32)
+against the float64 token-by-token reference: outputs, final states and the gradients of q, k, v, beta, g and
+initial_state."""
+
+import importlib
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from ipl_layers.ops import delta_rule, delta_rule_reference
 BOUND_F64 = 1e-10
 BOUND_F32 = 1e-4
 NAMES = ("q", "k", "v", "beta", "g", "initial_state")
+TRITON_BACKENDS = ("triton_chunk", "triton_recurrent")
 
 
 def make_inputs(B, T, H, K, V, gated, h0, dtype, lengths=None, seed=0, unit_keys=True, beta_shift=0.0, g_range=None):
@@ -83,6 +87,32 @@ def test_torch_path_float64(gated, T, h0):
 def test_varlen_with_empty_sequences(gated, dtype, bound):
     inputs, cu = make_inputs(4, 41, 2, 16, 16, gated, True, dtype, lengths=[9, 0, 32, 0])
     compare(run("torch", inputs, cu), reference(inputs, cu), bound)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+@pytest.mark.parametrize("T,h0", [(1, True), (37, False), (64, True)])
+def test_triton_paths(gated, backend, T, h0):
+    inputs, cu = make_inputs(1, T, 2, 16, 32, gated, h0, torch.float32)
+    compare(run(backend, inputs, cu), reference(inputs, cu), BOUND_F32)
+
+
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_triton_varlen_with_empty_sequences_and_qk_l2norm(backend):
+    inputs, cu = make_inputs(4, 41, 2, 16, 16, True, True, torch.float32, lengths=[9, 0, 32, 0], unit_keys=False)
+    compare(run(backend, inputs, cu, use_qk_l2norm=True), reference(inputs, cu, use_qk_l2norm=True), BOUND_F32)
+
+
+def test_triton_backend_chunks_from_chunk_size_on(monkeypatch):
+    """backend="triton": the fused recurrent kernels below chunk_size tokens, the chunked ones from there on."""
+    # the module, not the package's re-exported function of the same name
+    chunk_fwd_module = importlib.import_module("ipl_layers.kernels.delta_rule.chunk_fwd")
+    lengths, real = [], chunk_fwd_module.chunk_fwd
+    monkeypatch.setattr(chunk_fwd_module, "chunk_fwd", lambda *a: lengths.append(a[0].shape[1]) or real(*a))
+    for T in (15, 16):
+        inputs, cu = make_inputs(1, T, 1, 8, 8, True, True, torch.float32)
+        compare(run("triton", inputs, cu, chunk_size=16), reference(inputs, cu), BOUND_F32)
+    assert lengths == [16]
 
 
 @settings(max_examples=10)
@@ -172,23 +202,20 @@ def test_default_backend_on_cpu_is_torch(monkeypatch):
     ref = delta_rule_reference(q, k, v, beta, g)[0]
     assert_rel_rms("o", got, ref, BOUND_F64)
     monkeypatch.setenv("IPL_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match=r"IPL_BACKEND = 'nonsense' is not one of \('reference', 'torch'\)"):
+    with pytest.raises(ValueError, match=r"IPL_BACKEND = 'nonsense' is not one of \('reference', 'torch', 'triton'"):
         delta_rule(q, k, v, beta, g)
 
 
-def test_cuda_without_triton_path_names_the_backends(monkeypatch):
+def test_triton_is_the_default_on_cuda_and_needs_it_outside_the_interpreter(monkeypatch):
     from ipl_layers.backend import resolve_backend
     from ipl_layers.ops.delta_rule import BACKENDS
 
-    def _resolve(backend, device):
-        return resolve_backend("delta_rule", backend, device, BACKENDS)
-
     monkeypatch.delenv("IPL_BACKEND", raising=False)
-    with pytest.raises(RuntimeError, match=r"no Triton kernels yet .* \('reference', 'torch'\)"):
-        _resolve(None, torch.device("cuda"))
-    with pytest.raises(ValueError, match=r"backend = 'triton' is not one of \('reference', 'torch'\)"):
-        _resolve("triton", torch.device("cuda"))
-    assert _resolve("torch", torch.device("cuda")) == "torch"
+    assert resolve_backend("delta_rule", None, torch.device("cuda"), BACKENDS) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    (q, k, v, beta, g, _), _ = make_inputs(1, 4, 1, 4, 4, True, False, torch.float32)
+    with pytest.raises(RuntimeError, match=r"backend 'triton_chunk' needs CUDA tensors \(got device cpu\)"):
+        delta_rule(q, k, v, beta, g, backend="triton_chunk")
 
 
 def _inputs(B=2, T=5, H=2, K=4, V=4, **kw):
