@@ -195,5 +195,10 @@ def delta_rule(
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     (qp, kp, vp, betap, gp), unpad = pad_sequences([q, k, v, beta, g], cu_seqlens, chunk_size)  # beta 0: no update
-    o, final = DeltaRuleChunkFunction.apply(qp, kp, vp, betap, gp, initial_state, scale, chunk_size, output_final_state)
+    inputs = (qp, kp, vp, betap, gp, initial_state)
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)):
+        # inference: nothing to save for a backward, so the working set is bounded by segments
+        o, final = chunk.chunk_forward_segmented(*inputs, scale, chunk_size)
+        return unpad(o), (final if output_final_state else None)
+    o, final = DeltaRuleChunkFunction.apply(*inputs, scale, chunk_size, output_final_state)
     return unpad(o), final

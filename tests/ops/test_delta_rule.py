@@ -90,6 +90,27 @@ def test_varlen_with_empty_sequences(gated, dtype, bound):
 
 
 @pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("lengths", [None, [30, 0, 70]])
+def test_inference_forward_runs_in_segments(gated, lengths, monkeypatch):
+    # Without gradients the torch path runs segments of SEGMENT_CHUNKS = 8 chunks one after the other:
+    # chunk 4 makes T = 77 (or a longest sequence of 70) three segments, the last partial, each starting
+    # from the state the previous one left.
+    chunk_module = importlib.import_module("ipl_layers.ops.delta_rule_chunk")
+    calls, real = [], chunk_module.chunk_forward
+    monkeypatch.setattr(chunk_module, "chunk_forward", lambda *a: calls.append(a[0].shape[1]) or real(*a))
+    T = 77 if lengths is None else sum(lengths)
+    inputs, cu = make_inputs(2, T, 2, 8, 8, gated, True, torch.float64, lengths=lengths)
+    with torch.no_grad():
+        o, final = delta_rule(*inputs[:5], initial_state=inputs[5], output_final_state=True, cu_seqlens=cu,
+                              chunk_size=4)
+    o_ref, final_ref = delta_rule_reference(*inputs[:5], initial_state=inputs[5], output_final_state=True,
+                                            cu_seqlens=cu)
+    assert_rel_rms("o", o, o_ref, BOUND_F64)
+    assert_rel_rms("final_state", final, final_ref, BOUND_F64)
+    assert calls == ([32, 32, 16] if lengths is None else [32, 32, 8])
+
+
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("T,h0", [(1, True), (37, False), (64, True)])
 def test_triton_paths(gated, backend, T, h0):
