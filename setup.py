@@ -19,11 +19,14 @@ PACKAGES = {
     "ipl_layers.ops": "ipl_layers/ops",
     "ipl_layers.layers": "ipl_layers/layers",
     "ipl_layers.kernels": "kernels",
-    "ipl_layers.kernels.common": "kernels/common",
-    "ipl_layers.kernels.linear_attn": "kernels/linear_attn",
-    "ipl_layers.kernels.conv": "kernels/conv",
     "ipl_layers.models": "models",
 }
+# one package per kernel family folder, found rather than listed: a family missing here installs editable
+# but is absent from a wheel
+PACKAGES.update({
+    f"ipl_layers.kernels.{os.path.basename(os.path.dirname(init))}": os.path.dirname(init)
+    for init in sorted(glob.glob("kernels/*/__init__.py"))
+})
 
 
 def cpu_extension():
