@@ -24,7 +24,7 @@ so the 2-D padding mask reaches the layers untouched) and `reorder_cache` for be
 """
 
 import json
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -34,8 +34,38 @@ _FORMAT = "ipl_layers.FastWeightCache/1"
 
 
 def _map(value: State, fn) -> State:
-    """Applies `fn` to a state tensor, or to every tensor of a tuple state."""
-    return tuple(fn(t) for t in value) if isinstance(value, tuple) else fn(value)
+    """Applies `fn` to a state tensor, or to every tensor of a tuple state (keeping a NamedTuple's type)."""
+    if not isinstance(value, tuple):
+        return fn(value)
+    mapped = [fn(t) for t in value]
+    return type(value)(*mapped) if hasattr(value, "_fields") else tuple(mapped)
+
+
+class TTTLinearState(NamedTuple):
+    """The fast weights of `ttt_linear` per sequence and head, with the open mini-batch's gradient sums.
+
+    TTT-Linear takes every gradient of a mini-batch at the weights the mini-batch started from, and commits
+    the update at its end. A sequence that stops mid-mini-batch (a prefill of any length, or each decoded
+    token) therefore carries the start weights and the sums of its tokens' scaled gradients so far; the
+    weights in effect after its last token are `weights(token_scale)`. The next call continues the open
+    mini-batch, so prefill + token-by-token decode equals one forward over the whole sequence.
+    """
+
+    W: torch.Tensor  # [N, H, K, V] fp32: the weights the open mini-batch started from
+    b: torch.Tensor  # [N, H, V] fp32: the bias it started from (zeros without bias)
+    sum_W: torch.Tensor  # [N, H, K, V] fp32: sum_j eta_j k_j^T G_j over its tokens so far
+    sum_b: torch.Tensor  # [N, H, V] fp32: sum_j eta_j G_j
+    position: torch.Tensor  # [N] int64: its tokens so far, in [0, mini_batch_size); 0: sums are zero
+
+    def weights(self, token_scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The weights in effect after the last token: W - s_p sum_W, b - s_p sum_b (p = position; W, b at 0).
+
+        token_scale: the op's position scales s, [b] or [H, b] (for the default, 1 / arange(1, b + 1))."""
+        H = self.W.shape[1]
+        s = token_scale.to(self.W.dtype).expand(H, token_scale.shape[-1])  # [H, b]
+        p = self.position.to(s.device)
+        s_p = torch.where(p[:, None] > 0, s[:, (p - 1).clamp(min=0)].T, 0.0)  # [N, H]
+        return self.W - s_p[..., None, None] * self.sum_W, self.b - s_p[..., None] * self.sum_b
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
