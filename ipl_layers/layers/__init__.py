@@ -4,6 +4,7 @@ from ipl_layers.layers.conv import ShortConvolution
 from ipl_layers.layers.delta_rule import DeltaNet, GatedDeltaNet
 from ipl_layers.layers.linear_attention import GatedLinearAttention, LinearAttention
 from ipl_layers.layers.norm import GatedRMSNorm, RMSNorm
+from ipl_layers.layers.ttt_linear import TTTLinear
 
 __all__ = [
     "DeltaNet",
@@ -13,4 +14,5 @@ __all__ = [
     "LinearAttention",
     "RMSNorm",
     "ShortConvolution",
+    "TTTLinear",
 ]

@@ -92,6 +92,15 @@ class _LinearAttentionLayer(nn.Module):
             cu_seqlens=cu_seqlens, backend=self.backend,
         )
 
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """o [B, T, H, V] -> the o_proj input [B, T, H * V]: the (gated) per-head norm, or the swish gate alone."""
+        if self.use_output_gate:
+            gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))  # [B, T, H, V]
+            o = self.o_norm(o, gate) if self.use_output_norm else o * F.silu(gate)
+        elif self.use_output_norm:
+            o = self.o_norm(o)
+        return o.flatten(-2)
+
     def _check_inputs(self, hidden_states, cu_seqlens, past_key_values, use_cache):
         name = type(self).__name__
         if not isinstance(hidden_states, torch.Tensor):
@@ -118,9 +127,10 @@ class _LinearAttentionLayer(nn.Module):
             return {}
         last = past_key_values[self.layer_idx]
         state = last.get("recurrent_state")
-        if state is not None and state.shape[0] != num_seqs:
+        rows = None if state is None else (state[0] if isinstance(state, tuple) else state).shape[0]
+        if rows is not None and rows != num_seqs:
             raise ValueError(
-                f"{type(self).__name__}: past_key_values[{self.layer_idx}] holds {state.shape[0]} sequences, "
+                f"{type(self).__name__}: past_key_values[{self.layer_idx}] holds {rows} sequences, "
                 f"the input has {num_seqs}"
             )
         return last
@@ -165,12 +175,7 @@ class _LinearAttentionLayer(nn.Module):
         if use_cache:
             past_key_values.update(self.layer_idx, offset=T, recurrent_state=recurrent_state, conv_state=conv_state)
 
-        if self.use_output_gate:
-            gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))  # [B, T, H, V]
-            o = self.o_norm(o, gate) if self.use_output_norm else o * F.silu(gate)
-        elif self.use_output_norm:
-            o = self.o_norm(o)
-        o = self.o_proj(o.flatten(-2))  # [B, T, hidden]
+        o = self.o_proj(self._output(o, x))  # [B, T, hidden]
         if indices is not None:
             o = repad(o, indices, B, T)
         return o, None, past_key_values

@@ -1,0 +1,85 @@
+"""`TTTLinear`: the TTT-Linear layer of Sun et al. 2024 around one `ttt_linear` call, with the interface of the
+linear-attention layers (forward signature, padding mask, cu_seqlens, cache; see `linear_attention.py`):
+
+    q, k, v = W_q x, W_k x, W_v x                   [B, T, H, K] (through silu short convs with use_short_conv)
+    eta = base_lr / K * sigmoid(W_lr x + b_lr)       [B, T, H] per-token inner learning rates
+    s_i = max(1 / i + offset_i, 0)                   [b] position scales, offset learnable (starts at 0)
+    o = ttt_linear(q, k, v, eta, ln_weight, ln_bias, s, initial_state=(W0, b0))    W0 [H, K, K], b0 [H, K] learnable
+    out = o_proj(gelu(W_g x) * LN(o))                post-norm over the hidden features; the GELU gate optional
+
+The inner model of each head is f(x) = x + LN(x W + b), trained on the reconstruction of v - k from k by
+mini-batch gradient descent as the layer reads (see `ipl_layers/ops/ttt_linear.py`). With a cache the fast
+weights, with the open mini-batch's gradient sums, carry over to the next call (a `TTTLinearState`), so a
+prefill followed by token-by-token decoding equals one forward. RoPE on q/k (used by the authors' code) is
+left to the model around the layer.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ipl_layers.layers.linear_attention import _LinearAttentionLayer
+from ipl_layers.ops import ttt_linear
+
+
+class TTTLinear(_LinearAttentionLayer):
+    """TTT-Linear (Sun et al. 2024, "Learning to (Learn at Test Time)"): per head a linear inner model with
+    LN and residual, learning from each mini-batch of `mini_batch_size` tokens; see the module docstring."""
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        num_heads: int = 16,
+        mini_batch_size: int = 16,
+        base_lr: float = 1.0,
+        use_short_conv: bool = False,
+        conv_size: int = 4,
+        use_output_gate: bool = True,
+        norm_eps: float = 1e-6,
+        layer_idx: Optional[int] = None,
+        backend: Optional[str] = None,
+    ):
+        super().__init__(
+            hidden_size, num_heads, 1.0, 1.0, use_short_conv, conv_size, False, use_output_gate, norm_eps,
+            layer_idx, backend,
+        )
+        if not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+            raise ValueError(f"TTTLinear: mini_batch_size: expected a positive int, got {mini_batch_size!r}")
+        if not base_lr > 0:
+            raise ValueError(f"TTTLinear: base_lr: expected > 0, got {base_lr}")
+        H, K = num_heads, self.head_k_dim
+        self.mini_batch_size, self.base_lr = mini_batch_size, base_lr
+        self.lr_proj = nn.Linear(hidden_size, H)  # per-head inner learning-rate gate
+        nn.init.normal_(self.lr_proj.weight, std=0.02)
+        nn.init.zeros_(self.lr_proj.bias)
+        self.token_scale_offset = nn.Parameter(torch.zeros(mini_batch_size))  # learnable part of s_i = 1/i
+        self.ttt_norm_weight = nn.Parameter(torch.ones(H, K))  # the inner model's LN, per head
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(H, K))
+        self.W0 = nn.Parameter(torch.randn(H, K, K) * 0.02)  # the inner model's initial weights
+        self.b0 = nn.Parameter(torch.zeros(H, K))
+        self.post_norm = nn.LayerNorm(self.value_dim, eps=norm_eps)
+
+    def token_scale(self) -> torch.Tensor:
+        """s_i = max(1 / i + offset_i, 0), i = 1..b: [b]."""
+        i = torch.arange(1, self.mini_batch_size + 1, device=self.token_scale_offset.device)
+        return (i.to(self.token_scale_offset.dtype).reciprocal() + self.token_scale_offset).clamp(min=0)
+
+    def _run_op(self, q, k, v, x, initial_state, use_cache, cu_seqlens):
+        N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        if initial_state is None:  # every sequence starts from the learnable W0, b0
+            H, K = self.num_heads, self.head_k_dim
+            initial_state = (self.W0.expand(N, H, K, K), self.b0.expand(N, H, K))
+        eta = self.base_lr / self.head_k_dim * torch.sigmoid(self.lr_proj(x))  # [B, T, H]
+        return ttt_linear(
+            q, k, v, eta.to(q.dtype), ln_weight=self.ttt_norm_weight, ln_bias=self.ttt_norm_bias,
+            token_scale=self.token_scale(), mini_batch_size=self.mini_batch_size, initial_state=initial_state,
+            output_final_state=use_cache, cu_seqlens=cu_seqlens, backend=self.backend,
+        )
+
+    def _output(self, o, x):
+        o = self.post_norm(o.flatten(-2))  # [B, T, H * K]
+        if self.use_output_gate:
+            o = F.gelu(self.g_proj(x), approximate="tanh") * o
+        return o
