@@ -52,3 +52,19 @@ def assert_states(name, cache, refs, bound):
         for i, qkv in enumerate("qkv"):
             ref_conv = torch.cat([c["conv_state"][i] for c in refs])
             assert_rel_rms(f"{name} conv_state {qkv}", state["conv_state"][i], ref_conv, bound)
+
+
+def assert_gradients_match(layer, ref, lengths, T, hidden, bound):
+    """Input and parameter gradients of `layer` on a left-padded fp32 batch against `ref` (the same layer in
+    float64), for one random cotangent so that every output direction matters; every parameter must get a
+    non-zero gradient."""
+    x, mask = left_padded(lengths, T, torch.float32, hidden)
+    x.requires_grad_(True)
+    x_ref = x.detach().double().requires_grad_(True)
+    w = torch.randn(len(lengths), T, hidden)
+    (layer(x, attention_mask=mask)[0] * w).sum().backward()
+    (ref(x_ref, attention_mask=mask)[0] * w.double()).sum().backward()
+    assert_rel_rms("dx", x.grad, x_ref.grad, bound)
+    for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient"
+        assert_rel_rms(f"d{name}", p.grad, p_ref.grad, bound)

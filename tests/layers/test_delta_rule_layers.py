@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_rel_rms
-from layer_checks import assert_states, left_padded, per_sample, with_backend
+from layer_checks import assert_gradients_match, assert_states, left_padded, per_sample, with_backend
 
 from ipl_layers.layers import DeltaNet, GatedDeltaNet
 from ipl_layers.ops import delta_rule_reference
@@ -100,16 +100,7 @@ def test_triton_backend_prefill_then_decode(kind):
 def test_gradients_reach_every_parameter_and_match_reference(kind):
     layer = with_backend(make_layer(kind), "torch", torch.float32)
     ref = with_backend(layer, "reference", torch.float64)
-    x, mask = left_padded([20, 7], 20, torch.float32, HIDDEN)
-    x.requires_grad_(True)
-    x_ref = x.detach().double().requires_grad_(True)
-    w = torch.randn(2, 20, HIDDEN)  # a random cotangent, so every output direction matters
-    (layer(x, attention_mask=mask)[0] * w).sum().backward()
-    (ref(x_ref, attention_mask=mask)[0] * w.double()).sum().backward()
-    assert_rel_rms("dx", x.grad, x_ref.grad, FP32_BOUND)
-    for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient"
-        assert_rel_rms(f"d{name}", p.grad, p_ref.grad, FP32_BOUND)
+    assert_gradients_match(layer, ref, [20, 7], 20, HIDDEN, FP32_BOUND)
 
 
 @pytest.mark.parametrize("kind", ["delta", "gated_delta"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_rel_rms
-from layer_checks import assert_states, left_padded, per_sample, with_backend
+from layer_checks import assert_gradients_match, assert_states, left_padded, per_sample, with_backend
 
 from ipl_layers.layers import TTTLinear
 from ipl_layers.ops import ttt_linear_reference
@@ -96,16 +96,7 @@ def test_cache_round_trip_through_safetensors(tmp_path):
 def test_gradients_reach_every_parameter_and_match_reference(kind):
     layer = with_backend(make_layer(kind), "torch", torch.float32)
     ref = with_backend(layer, "reference", torch.float64)
-    x, mask = left_padded([13, 6], 13, torch.float32, HIDDEN)
-    x.requires_grad_(True)
-    x_ref = x.detach().double().requires_grad_(True)
-    w = torch.randn(2, 13, HIDDEN)  # a random cotangent, so every output direction matters
-    (layer(x, attention_mask=mask)[0] * w).sum().backward()
-    (ref(x_ref, attention_mask=mask)[0] * w.double()).sum().backward()
-    assert_rel_rms("dx", x.grad, x_ref.grad, FP32_BOUND)
-    for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient"
-        assert_rel_rms(f"d{name}", p.grad, p_ref.grad, FP32_BOUND)
+    assert_gradients_match(layer, ref, [13, 6], 13, HIDDEN, FP32_BOUND)
 
 
 def test_triton_backend_prefill_gradients_and_decode():
@@ -123,11 +114,7 @@ def test_triton_backend_prefill_gradients_and_decode():
     x, mask = left_padded(lengths, prompt + steps, torch.float32, HIDDEN)
     o_full, caches_ref = per_sample(ref, x, lengths)
 
-    w = torch.randn(2, prompt, HIDDEN)
-    (layer(x[:, :prompt], attention_mask=mask[:, :prompt])[0] * w).sum().backward()
-    (ref(x[:, :prompt].double(), attention_mask=mask[:, :prompt])[0] * w.double()).sum().backward()
-    for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
-        assert_rel_rms(f"d{name}", p.grad, p_ref.grad, FP32_BOUND)
+    assert_gradients_match(layer, ref, [prompt, prompt - 1], prompt, HIDDEN, FP32_BOUND)
 
     with torch.no_grad():
         o, _, cache = layer(x[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)

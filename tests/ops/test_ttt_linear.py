@@ -257,6 +257,16 @@ def test_zero_eta_keeps_the_initial_weights():
     assert torch.equal(W, W0) and torch.equal(b, b0)
 
 
+def test_long_sequence_large_learning_rate_is_finite():
+    # T = 65,536 with eta ~ 1 (every step a full gradient step): through the LN the inner gradient shrinks
+    # as W grows, so the weights stay bounded; outputs, final state and every gradient must be finite.
+    inputs, cu = make_inputs(1, 65536, 1, 64, 16, torch.float32)
+    with torch.no_grad():
+        inputs[3].copy_(torch.sigmoid(torch.randn_like(inputs[3]) + 6))  # eta
+    for name, x in run("torch", inputs, cu, 16).items():
+        assert torch.isfinite(x.float()).all(), name
+
+
 def test_low_precision_inputs_give_v_dtype_and_fp32_state():
     inputs, cu = make_inputs(1, 40, 2, 16, 16, torch.bfloat16)
     got, ref = run("torch", inputs, cu, 16), reference(inputs, cu, 16)
