@@ -254,7 +254,34 @@ TTT_LINEAR_CASES = (
     ),
 )
 
-CASES = CASES + DELTA_RULE_CASES + TTT_LINEAR_CASES
+
+# ---- ttt_mlp: the same loss and mini-batch GD with the inner MLP gelu(x W1 + b1) W2 + b2 (F = 4K) ----
+
+def _ttt_mlp_inputs(s: Shape, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    inputs = _ttt_linear_inputs(s, gen)
+    del inputs["W0"], inputs["b0"]
+    Fd = 4 * s.K
+    inputs.update(W1=randn(s.B, s.H, s.K, Fd) / s.K**0.5, b1=torch.zeros(s.B, s.H, Fd),
+                  W2=randn(s.B, s.H, Fd, s.K) / Fd**0.5, b2=torch.zeros(s.B, s.H, s.K))
+    return inputs
+
+
+def _ours_ttt_mlp(backend: str, chunk: int) -> Callable:
+    from ipl_layers.ops.ttt_mlp import ttt_mlp
+
+    def fn(q, k, v, eta, ln_weight, ln_bias, W1, b1, W2, b2):
+        return ttt_mlp(q, k, v, eta, ln_weight=ln_weight, ln_bias=ln_bias, mini_batch_size=16,
+                       initial_state=(W1, b1, W2, b2), backend=backend)[0]
+
+    return fn
+
+
+TTT_MLP_CASES = (
+    OpCase("ttt_mlp:mb16", _ttt_mlp_inputs, (Impl("ours ttt_mlp (mini-batch 16, F = 4K)", OURS, _ours_ttt_mlp),)),
+)
+
+CASES = CASES + DELTA_RULE_CASES + TTT_LINEAR_CASES + TTT_MLP_CASES
 
 
 def select(names) -> Tuple[OpCase, ...]:

@@ -41,6 +41,13 @@ def _map(value: State, fn) -> State:
     return type(value)(*mapped) if hasattr(value, "_fields") else tuple(mapped)
 
 
+def _position_scales(token_scale: torch.Tensor, position: torch.Tensor, H: int, dtype) -> torch.Tensor:
+    """s_p per sequence and head [N, H] (p = position; 0 where p = 0: no open mini-batch)."""
+    s = token_scale.to(dtype).expand(H, token_scale.shape[-1])  # [H, b]
+    p = position.to(s.device)
+    return torch.where(p[:, None] > 0, s[:, (p - 1).clamp(min=0)].T, 0.0)
+
+
 class TTTLinearState(NamedTuple):
     """The fast weights of `ttt_linear` per sequence and head, with the open mini-batch's gradient sums.
 
@@ -61,11 +68,28 @@ class TTTLinearState(NamedTuple):
         """The weights in effect after the last token: W - s_p sum_W, b - s_p sum_b (p = position; W, b at 0).
 
         token_scale: the op's position scales s, [b] or [H, b] (for the default, 1 / arange(1, b + 1))."""
-        H = self.W.shape[1]
-        s = token_scale.to(self.W.dtype).expand(H, token_scale.shape[-1])  # [H, b]
-        p = self.position.to(s.device)
-        s_p = torch.where(p[:, None] > 0, s[:, (p - 1).clamp(min=0)].T, 0.0)  # [N, H]
+        s_p = _position_scales(token_scale, self.position, self.W.shape[1], self.W.dtype)  # [N, H]
         return self.W - s_p[..., None, None] * self.sum_W, self.b - s_p[..., None] * self.sum_b
+
+
+class TTTMLPState(NamedTuple):
+    """The fast weights of `ttt_mlp` per sequence and head (inner MLP K -> F -> K), with the open mini-batch's
+    gradient sums; as `TTTLinearState`, for the two layers' weights and biases."""
+
+    W1: torch.Tensor  # [N, H, K, F] fp32: the weights the open mini-batch started from
+    b1: torch.Tensor  # [N, H, F] fp32
+    W2: torch.Tensor  # [N, H, F, K] fp32
+    b2: torch.Tensor  # [N, H, K] fp32
+    sum_W1: torch.Tensor  # [N, H, K, F] fp32: sum_j eta_j dl_j/dW1 over its tokens so far
+    sum_b1: torch.Tensor  # [N, H, F] fp32
+    sum_W2: torch.Tensor  # [N, H, F, K] fp32
+    sum_b2: torch.Tensor  # [N, H, K] fp32
+    position: torch.Tensor  # [N] int64: its tokens so far, in [0, mini_batch_size); 0: sums are zero
+
+    def weights(self, token_scale: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(W1, b1, W2, b2) in effect after the last token: each start weight minus s_p times its sum."""
+        s_p = _position_scales(token_scale, self.position, self.W1.shape[1], self.W1.dtype)  # [N, H]
+        return tuple(w - s_p.view(*s_p.shape, *[1] * (w.dim() - 2)) * g for w, g in zip(self[:4], self[4:8]))
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from ipl_layers.layers.conv import ShortConvolution
 from ipl_layers.layers.delta_rule import DeltaNet, GatedDeltaNet
 from ipl_layers.layers.linear_attention import GatedLinearAttention, LinearAttention
 from ipl_layers.layers.norm import GatedRMSNorm, RMSNorm
-from ipl_layers.layers.ttt_linear import TTTLinear
+from ipl_layers.layers.ttt_linear import TTTMLP, TTTLinear
 
 __all__ = [
     "DeltaNet",
@@ -15,4 +15,5 @@ __all__ = [
     "RMSNorm",
     "ShortConvolution",
     "TTTLinear",
+    "TTTMLP",
 ]

@@ -4,6 +4,7 @@ from ipl_layers.ops.delta_rule import delta_rule, delta_rule_reference
 from ipl_layers.ops.linear_attention import linear_attention, linear_attention_reference
 from ipl_layers.ops.short_conv import short_conv, short_conv_reference
 from ipl_layers.ops.ttt_linear import ttt_linear, ttt_linear_reference
+from ipl_layers.ops.ttt_mlp import ttt_mlp, ttt_mlp_reference
 
 __all__ = [
     "delta_rule",
@@ -14,4 +15,6 @@ __all__ = [
     "short_conv_reference",
     "ttt_linear",
     "ttt_linear_reference",
+    "ttt_mlp",
+    "ttt_mlp_reference",
 ]

@@ -60,8 +60,9 @@ def as_state(initial_state, N: int, H: int, K: int, like: torch.Tensor) -> Optio
     return TTTLinearState(W0, b0, sum_W, sum_b, position.to(device=like.device, dtype=torch.long))
 
 
-def _check_inputs(q, k, v, eta, ln_weight, ln_bias, token_scale, mini_batch_size, initial_state, cu_seqlens):
-    """Checks every argument; returns the number of sequences N and the initial state as a TTTLinearState."""
+def check_common(q, k, v, eta, ln_weight, ln_bias, token_scale, mini_batch_size, cu_seqlens) -> int:
+    """Checks the arguments the TTT ops share (q, k, v [B, T, H, K], eta, the LN parameters, the position
+    scales, the mini-batch size, cu_seqlens); returns the number of sequences N."""
     B, T, H, K, _ = check_qkv(q, k, v, same_kv=True)
     check_tensor("eta", eta, 3, "B, T, H", like=q)
     check_shape("eta", eta, (B, T, H), "B, T, H")
@@ -75,14 +76,34 @@ def _check_inputs(q, k, v, eta, ln_weight, ln_bias, token_scale, mini_batch_size
         shape, dims = ((H, mini_batch_size), "H, b") if per_head else ((mini_batch_size,), "b")
         check_tensor("token_scale", token_scale, len(shape), dims, like=q)
         check_shape("token_scale", token_scale, shape, dims)
-    N = check_cu_seqlens(cu_seqlens, B, T, q.device)
-    state = as_state(initial_state, N, H, K, q)
-    if state is not None and state.position is not None:
-        bad = (state.position < 0) | (state.position >= mini_batch_size)
-        if bool(bad.any()):
-            raise ValueError(f"initial_state position: expected values in [0, mini_batch_size = {mini_batch_size}), "
-                             f"got {state.position.tolist()}")
+    return check_cu_seqlens(cu_seqlens, B, T, q.device)
+
+
+def check_position(position: Optional[torch.Tensor], mini_batch_size: int):
+    """An open mini-batch's position must lie in [0, mini_batch_size)."""
+    if position is not None and bool(((position < 0) | (position >= mini_batch_size)).any()):
+        raise ValueError(f"initial_state position: expected values in [0, mini_batch_size = {mini_batch_size}), "
+                         f"got {position.tolist()}")
+
+
+def _check_inputs(q, k, v, eta, ln_weight, ln_bias, token_scale, mini_batch_size, initial_state, cu_seqlens):
+    """Checks every argument; returns the number of sequences N and the initial state as a TTTLinearState."""
+    N = check_common(q, k, v, eta, ln_weight, ln_bias, token_scale, mini_batch_size, cu_seqlens)
+    state = as_state(initial_state, N, q.shape[2], q.shape[3], q)
+    check_position(None if state is None else state.position, mini_batch_size)
     return N, state
+
+
+def inner_params(q, ln_weight, ln_bias, token_scale, mini_batch_size):
+    """The per-head LN parameters [H, K] (default ones/zeros) and the position scales [H, b] (default 1/i),
+    in the compute dtype where defaulted."""
+    _, _, H, K = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ln_weight = q.new_ones(H, K, dtype=acc) if ln_weight is None else ln_weight
+    ln_bias = q.new_zeros(H, K, dtype=acc) if ln_bias is None else ln_bias
+    if token_scale is None:  # s_i = 1 / i: the mean of the gradients seen so far in the mini-batch
+        token_scale = torch.arange(1, mini_batch_size + 1, dtype=acc, device=q.device).reciprocal()
+    return ln_weight, ln_bias, token_scale.expand(H, mini_batch_size)
 
 
 def _defaults(q, ln_weight, ln_bias, token_scale, mini_batch_size, state, N, use_bias):
@@ -90,11 +111,7 @@ def _defaults(q, ln_weight, ln_bias, token_scale, mini_batch_size, state, N, use
     not given; b and sum_b None without bias)."""
     _, _, H, K = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    ln_weight = q.new_ones(H, K, dtype=acc) if ln_weight is None else ln_weight
-    ln_bias = q.new_zeros(H, K, dtype=acc) if ln_bias is None else ln_bias
-    if token_scale is None:  # s_i = 1 / i: the mean of the gradients seen so far in the mini-batch
-        token_scale = torch.arange(1, mini_batch_size + 1, dtype=acc, device=q.device).reciprocal()
-    scale = token_scale.expand(H, mini_batch_size)  # [H, b]
+    ln_weight, ln_bias, scale = inner_params(q, ln_weight, ln_bias, token_scale, mini_batch_size)
     W0, b0, sum_W, sum_b, position = TTTLinearState(None, None, None, None, None) if state is None else state
     W0 = q.new_zeros(N, H, K, K, dtype=acc) if W0 is None else W0
     sum_W = q.new_zeros(N, H, K, K, dtype=acc) if sum_W is None else sum_W
