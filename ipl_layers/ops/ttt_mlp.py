@@ -10,8 +10,9 @@ tokens every gradient is taken at the mini-batch's start weights theta_0 = (W1, 
 and the next mini-batch starts from the last position's weights. Without the residual the target is v_t
 and the output LN(.); without LN the inner map is the bare MLP. Both layers always have biases.
 
-This module holds the token-by-token reference, the input checks and the dispatching entry point; the
-torch path (the dual form applied layer by layer) is `ttt_mlp_chunk.py`, differentiated by autograd.
+This module holds the token-by-token reference, the input checks, the dispatching entry point and the
+torch path's autograd Function (the dual form applied layer by layer: `ttt_mlp_chunk.py`; its hand-written
+backward: `ttt_mlp_chunk_bwd.py`).
 """
 
 from typing import Optional, Sequence, Tuple, Union
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from ipl_layers._checks import check_positive_int, check_shape, check_tensor, sequence_spans
 from ipl_layers.backend import resolve_backend
 from ipl_layers.ops import ttt_mlp_chunk as chunk
+from ipl_layers.ops.ttt_mlp_chunk_bwd import chunk_backward
 from ipl_layers.ops.chunking import pad_sequences
 from ipl_layers.ops.ttt_linear import check_common, check_position, inner_params
 from ipl_layers.ops.ttt_linear_chunk import layer_norm
@@ -158,6 +160,30 @@ def ttt_mlp_reference(
                                       torch.tensor(position, dtype=torch.long, device=q.device))
 
 
+class TTTMLPChunkFunction(torch.autograd.Function):
+    """The torch path on padded sequences [N, Tp, H, *] (Tp a multiple of the mini-batch size C), with the
+    hand-written backward of `ttt_mlp_chunk_bwd.py`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, eta, ln_weight, ln_bias, scale, W1, b1, W2, b2, sum_W1, sum_b1, sum_W2, sum_b2, last,
+                C, use_ln, use_residual):
+        o, final, saved = chunk.chunk_forward(q, k, v, eta, ln_weight, ln_bias, scale, (W1, b1, W2, b2),
+                                              (sum_W1, sum_b1, sum_W2, sum_b2), last, C, use_ln, use_residual,
+                                              save=True)
+        ctx.chunk_saved = saved  # intermediates (chunked operands, start weights, pre-activations), not inputs
+        ctx.last, ctx.flags = last, (C, use_ln, use_residual)
+        ctx.dtypes = [x.dtype if ctx.needs_input_grad[i] else None
+                      for i, x in enumerate((q, k, v, eta, ln_weight, ln_bias, scale, W1, b1, W2, b2, sum_W1, sum_b1,
+                                             sum_W2, sum_b2))]
+        return (o, *final)
+
+    @staticmethod
+    def backward(ctx, do, *dfinal):
+        # the saved intermediates stay on ctx: gradcheck and retain_graph run this more than once
+        grads = chunk_backward(ctx.chunk_saved, do, dfinal, ctx.last, *ctx.flags, ctx.dtypes)
+        return (*grads, None, None, None, None)
+
+
 def ttt_mlp(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -216,5 +242,9 @@ def ttt_mlp(
     # each sequence continues its open mini-batch: `position` empty rows in front align mini-batches to chunks
     front = None if state is None or state.position is None else init.position
     (qp, kp, vp, etap), unpad = pad_sequences([q, k, v, eta], cu_seqlens, C, front=front)
-    o, final = chunk.chunk_forward(qp, kp, vp, etap, gamma, beta, scale, init[:4], init[4:8], ends // C, C, **flags)
+    args = (qp, kp, vp, etap, gamma, beta, scale, *init[:8], ends // C, C, use_ln, use_residual)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in args[:15]):
+        o, *final = TTTMLPChunkFunction.apply(*args)
+    else:
+        o, final, _ = chunk.chunk_forward(*args[:7], init[:4], init[4:8], *args[15:])
     return unpad(o), (TTTMLPState(*final, ends % C) if output_final_state else None)

@@ -12,8 +12,8 @@ from ipl_layers.layers import TTTMLP
 from ipl_layers.ops import ttt_mlp_reference
 from ipl_layers.state import FastWeightCache, TTTMLPState
 
-# float32 torch path vs the float64 reference: measured <= 2.6e-6 on outputs, states and gradients here
-# (dtoken_scale_offset the worst); the bound leaves ~20x headroom.
+# float32 torch path vs the float64 reference: measured <= 1.2e-6 on outputs, states and gradients here
+# (dlr_proj.bias the worst); the bound leaves ~40x headroom.
 FP32_BOUND = 5e-5
 FP64_BOUND = 1e-10
 
