@@ -168,8 +168,7 @@ class TTTMLPChunkFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, eta, ln_weight, ln_bias, scale, W1, b1, W2, b2, sum_W1, sum_b1, sum_W2, sum_b2, last,
                 C, use_ln, use_residual):
         o, final, saved = chunk.chunk_forward(q, k, v, eta, ln_weight, ln_bias, scale, (W1, b1, W2, b2),
-                                              (sum_W1, sum_b1, sum_W2, sum_b2), last, C, use_ln, use_residual,
-                                              save=True)
+                                              (sum_W1, sum_b1, sum_W2, sum_b2), last, C, use_ln, use_residual)
         ctx.chunk_saved = saved  # intermediates (chunked operands, start weights, pre-activations), not inputs
         ctx.last, ctx.flags = last, (C, use_ln, use_residual)
         ctx.dtypes = [x.dtype if ctx.needs_input_grad[i] else None
@@ -246,5 +245,7 @@ def ttt_mlp(
     if torch.is_grad_enabled() and any(x.requires_grad for x in args[:15]):
         o, *final = TTTMLPChunkFunction.apply(*args)
     else:
-        o, final, _ = chunk.chunk_forward(*args[:7], init[:4], init[4:8], *args[15:])
+        # inference: nothing to save for a backward, so the working set is bounded by runs of chunks
+        o, final, _ = chunk.chunk_forward(*args[:7], init[:4], init[4:8], *args[15:],
+                                          segment_chunks=chunk.SEGMENT_CHUNKS)
     return unpad(o), (TTTMLPState(*final, ends % C) if output_final_state else None)

@@ -14,9 +14,11 @@ This is exact (each layer's weights at position i are linear in the gradient sum
 per-position weights exist. The open mini-batch's sums S (chunk 0 only) enter as - s * (Q S_W1 + S_b1) and
 - s * (X2q S_W2 + S_b2); the update at the chunk's end is theta - s_C (sums).
 
-Both sides of a chunk run in the loop while its start weights are in cache (stacking every chunk's weights
-for a batched query side measured slower and held [NC, K, F] weights: 580 MiB at T = 4096); only
-tril(Q K^T) runs for all chunks at once. No weights but each sequence's final ones are kept.
+Only the keys' side and the update run chunk after chunk (they need the chunk's start weights, which need
+the chunk before); each chunk's start weights go into one [NC + 1, ...] buffer, and the queries of all
+chunks then run at once, as batched matmuls against it. Without a backward to save for,
+`chunk_forward(segment_chunks=...)` runs the chunks in runs of a few, each from the weights the previous
+one ended with: the working set is then that of one run.
 """
 
 import math
@@ -41,17 +43,22 @@ def gelu_and_slope(z: torch.Tensor):
     return z * half, torch.addcmul(half, torch.rsub(u * u, 1).mul_(z), poly, value=GELU_C / 2)
 
 
-class Saved(NamedTuple):
-    """What the backward needs: chunk-major operands [NC, NH, ...] in the compute dtype, and per chunk its
-    start weights and pre-activations."""
+SEGMENT_CHUNKS = 16  # chunks per run of the inference forward: its working set is that of one run
 
-    qk: torch.Tensor  # [NC, NH, 2C, K]: rows q then k of each chunk
+
+class Saved(NamedTuple):
+    """What the backward needs, chunk-major [NC, NH, ...] in the compute dtype."""
+
+    qc: torch.Tensor  # [NC, NH, C, K]
+    kc: torch.Tensor  # [NC, NH, C, K]
     t: torch.Tensor  # [NC, NH, C, K]: the target, v - k with the residual, else v
     e: torch.Tensor  # [NC, NH, C, 1]: eta
     P1: torch.Tensor  # [NC, NH, C, C]: tril(Q K^T) + tril(ones)
-    thetas: List[List[torch.Tensor]]  # NC + 1 entries (W1, b1, W2, b2): the weights chunk c starts from
-    Z1: List[torch.Tensor]  # NC x [NH, 2C, F]: [Q; K] W1 + b1
-    Z1q: List[torch.Tensor]  # NC x [NH, C, F]: the queries' first-layer pre-activations
+    thetas: List[torch.Tensor]  # W1, b1, W2, b2 at each chunk start and the end: [NC + 1, NH, ...]
+    X2: torch.Tensor  # [NC, NH, C, F]: the keys' activations gelu(K W1 + b1)
+    eG1: torch.Tensor  # [NC, NH, C, F]: eta times the keys' first-layer gradients
+    eG2: torch.Tensor  # [NC, NH, C, K]
+    Z1q: torch.Tensor  # [NC, NH, C, F]: the queries' first-layer pre-activations
     xo: Optional[torch.Tensor]  # [NC, NH, C, K]: the normalised output pre-activation (with LN)
     ro: Optional[torch.Tensor]  # [NC, NH, C, 1]: its 1 / sigma
     open_sums: List[torch.Tensor]  # the open mini-batch's sums before chunk 0, [NH, ...]
@@ -60,17 +67,67 @@ class Saved(NamedTuple):
     s: torch.Tensor  # [NH, C, 1]
 
 
+def _run(qc, kc, tt, ec, P1, theta, open_sums, s, gamma_sq, use_ln, c0, wanted, kept):
+    """Chunks c0.. of one run from the start weights `theta` (open_sums: chunk c0's open sums, or None): the
+    keys' side and the update chunk after chunk, then the queries of all the run's chunks at once. Records
+    (weights, sums) of the chunks in `wanted` into `kept`. Returns Z2q [NR, NH, C, K] and the run's thetas
+    [NR + 1, NH, ...], X2, eG1, eG2 and Z1q."""
+    NR, NH, C, K = qc.shape
+    s_end = s[:, -1:]  # [NH, 1, 1]: every chunk but a sequence's last is full; nothing reads past that one
+    thetas = [x.new_empty(NR + 1, *x.shape) for x in theta]
+    for buf, x in zip(thetas, theta):
+        buf[0] = x
+    X2s, eG1s, eG2s = [], [], []
+    for c, (k_c, e_c, t_c) in enumerate(zip(kc, ec, tt)):
+        W1, b1, W2, b2 = (x[c] for x in thetas)
+        X2, slope = gelu_and_slope(torch.baddbmm(b1, k_c, W1))  # [NH, C, F]
+        Z2 = torch.baddbmm(b2, X2, W2)  # [NH, C, K]
+        if use_ln:
+            f = ln_l2_grad(Z2, t_c, gamma_sq)
+            G2 = f.g * f.r
+        else:
+            G2 = Z2 - t_c
+        eG2 = e_c * G2  # [NH, C, K]
+        eG1 = (e_c * slope) * (G2 @ W2.mT)  # [NH, C, F]
+        grads = [k_c.mT @ eG1, eG1.sum(1, keepdim=True), X2.mT @ eG2, eG2.sum(1, keepdim=True)]
+        if c == 0 and open_sums is not None:
+            grads = [g + S for g, S in zip(grads, open_sums)]
+        if c0 + c in wanted:
+            kept[c0 + c] = ([x[c] for x in thetas], grads)
+        for buf, g in zip(thetas, grads):
+            torch.addcmul(buf[c], s_end, g, value=-1, out=buf[c + 1])
+        X2s.append(X2)
+        eG1s.append(eG1)
+        eG2s.append(eG2)
+    X2, eG1, eG2 = torch.stack(X2s), torch.stack(eG1s), torch.stack(eG2s)
+    del X2s, eG1s, eG2s
+
+    # the queries, layer by layer, each chunk from its start weights: [NR, NH, C, *]
+    W1, b1, W2, b2 = (x[:-1] for x in thetas)
+    causal = P1.new_ones(C, C).tril_()
+    Z1q = torch.matmul(qc, W1).add_(b1).sub_(s * (P1 @ eG1))
+    if open_sums is not None:
+        Z1q[0] -= s * (qc[0] @ open_sums[0] + open_sums[1])
+    X2q = F.gelu(Z1q, approximate="tanh")
+    P2 = (X2q @ X2.mT).tril_().add_(causal)  # [NR, NH, C, C]
+    Z2q = torch.matmul(X2q, W2).add_(b2).sub_(s * (P2 @ eG2))
+    if open_sums is not None:
+        Z2q[0] -= s * (X2q[0] @ open_sums[2] + open_sums[3])
+    return Z2q, thetas, X2, eG1, eG2, Z1q
+
+
 def chunk_forward(q, k, v, eta, ln_weight, ln_bias, scale, weights, sums, last, C, use_ln, use_residual,
-                  save=False):
+                  segment_chunks=None):
     """Padded inputs -> (o [N, Tp, H, K] in v.dtype, the state at chunk `last` per sequence as the 8 tensors
-    W1, b1, W2, b2, sum_W1, sum_b1, sum_W2, sum_b2).
+    W1, b1, W2, b2, sum_W1, sum_b1, sum_W2, sum_b2, and the `Saved` for the backward).
 
     q, k, v [N, Tp, H, K]; eta [N, Tp, H]; ln_weight, ln_bias [H, K]; scale [H, C]; weights (W1 [N, H, K, F],
     b1 [N, H, F], W2 [N, H, F, K], b2 [N, H, K]) and sums likewise (the open mini-batch before chunk 0); last
-    [N] int64 in [0, NC]. With `save`, also returns the `Saved` for the backward (else None)."""
+    [N] int64 in [0, NC]. segment_chunks: None, one run over all chunks, saved for the backward; else runs
+    of that many chunks, nothing saved (Saved None): the inference forward."""
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     N, Tp, H, K = q.shape
-    NC, NH = Tp // C, N * H
+    NC = Tp // C
 
     def chunked(x):  # [N, Tp, H, *] -> [NC, NH, C, *] in dt
         return grid(x.to(dt), C).flatten(1, 2)
@@ -82,52 +139,23 @@ def chunk_forward(q, k, v, eta, ln_weight, ln_bias, scale, weights, sums, last, 
     qc, kc, vc, ec = chunked(q), chunked(k), chunked(v), chunked(eta[..., None])  # [NC, NH, C, K or 1]
     target = vc - kc if use_residual else vc
     gamma, beta = (per_row(x, N, dt)[:, None] for x in (ln_weight, ln_bias))  # [NH, 1, K]
-    target_term, gamma_sq = (beta - target) * gamma, gamma * gamma
+    tt = (beta - target) * gamma if use_ln else target  # the inner gradient's target term
     s = per_row(scale, N, dt)[..., None]  # [NH, C, 1]
-    s_end = s[:, -1:]  # [NH, 1, 1]: every chunk but a sequence's last is full; nothing reads past that one
     theta = [rows(x) for x in weights]  # W1 [NH, K, F], b1 [NH, 1, F], W2 [NH, F, K], b2 [NH, 1, K]
     open_sums = [rows(x) for x in sums]
-    qk = torch.cat([qc, kc], 2)  # [NC, NH, 2C, K]: one matmul gives both sides' first layer
     # tril(Q K^T) plus the bias's cumsum (tril of ones), for all chunks at once: [NC, NH, C, C]
-    causal = torch.ones(C, C, dtype=dt, device=q.device).tril_()
-    P1 = (qc @ kc.mT).tril_() + causal
+    P1 = (qc @ kc.mT).tril_().add_(qc.new_ones(C, C).tril_())
     wanted = {int(c) for c in last}  # the chunks some sequence's final state starts at
-    kept, Z2qs, thetas, Z1s, Z1qs = {}, [], [theta], [], []
-    t = target_term if use_ln else target
-    for c, (qk_c, k_c, e_c, t_c, P1_c) in enumerate(zip(qk, kc, ec, t, P1)):
-        W1, b1, W2, b2 = theta
-        Z1 = torch.baddbmm(b1, qk_c, W1)  # [NH, 2C, F]: rows q then k
-        X2, slope = gelu_and_slope(Z1[:, C:])  # the keys' side at the start weights: [NH, C, F]
-        Z2 = torch.baddbmm(b2, X2, W2)  # [NH, C, K]
-        if use_ln:
-            f = ln_l2_grad(Z2, t_c, gamma_sq)
-            G2 = f.g * f.r
-        else:
-            G2 = Z2 - t_c
-        eG2 = e_c * G2  # [NH, C, K]
-        eG1 = (e_c * slope) * (G2 @ W2.mT)  # [NH, C, F]
-        grads = [k_c.mT @ eG1, eG1.sum(1, keepdim=True), X2.mT @ eG2, eG2.sum(1, keepdim=True)]
-
-        # the queries, layer by layer from the same start weights
-        Z1q = Z1[:, :C] - s * (P1_c @ eG1)  # [NH, C, F]
-        if c == 0:
-            Z1q = Z1q - s * (qk_c[:, :C] @ open_sums[0] + open_sums[1])
-        X2q = F.gelu(Z1q, approximate="tanh")
-        P2 = (X2q @ X2.mT).tril_().add_(causal)  # [NH, C, C]
-        Z2q = torch.baddbmm(b2, X2q, W2) - s * (P2 @ eG2)  # [NH, C, K]
-        if c == 0:
-            Z2q = Z2q - s * (X2q @ open_sums[2] + open_sums[3])
-            grads = [g + S for g, S in zip(grads, open_sums)]
-        Z2qs.append(Z2q)
-        if c in wanted:
-            kept[c] = (theta, grads)
-        theta = [w - s_end * g for w, g in zip(theta, grads)]
-        if save:
-            thetas.append(theta)
-            Z1s.append(Z1)
-            Z1qs.append(Z1q)
-    out = torch.stack(Z2qs)  # [NC, NH, C, K]
-    del Z2qs
+    kept = {}
+    out = qc.new_empty(qc.shape)  # [NC, NH, C, K]
+    step = segment_chunks or NC
+    for r in range(0, NC, step):
+        part = slice(r, r + step)
+        out[part], thetas, X2, eG1, eG2, Z1q = _run(
+            qc[part], kc[part], tt[part], ec[part], P1[part], theta, open_sums if r == 0 else None, s,
+            gamma * gamma, use_ln, r, wanted, kept,
+        )
+        theta = [x[-1] for x in thetas]
     xo = ro = None
     if use_ln:
         xo, _, ro = torch.native_layer_norm(out, (K,), None, None, LN_EPS)
@@ -141,5 +169,7 @@ def chunk_forward(q, k, v, eta, ln_weight, ln_bias, scale, weights, sums, last, 
         for i, shape in enumerate(w.shape for w in weights):
             rows_n = [kept[int(c)][part][i].unflatten(0, (N, H))[n] for n, c in enumerate(last)]
             final.append(torch.stack(rows_n).reshape(shape) if N else theta[i].new_zeros(shape))
-    saved = Saved(qk, target, ec, P1, thetas, Z1s, Z1qs, xo, ro, open_sums, gamma, beta, s) if save else None
+    saved = None
+    if segment_chunks is None:
+        saved = Saved(qc, kc, target, ec, P1, thetas, X2, eG1, eG2, Z1q, xo, ro, open_sums, gamma, beta, s)
     return o, final, saved

@@ -2,6 +2,7 @@
 gradients come from `torch.func.grad`, not the closed form): outputs, final state and the gradients of q,
 k, v, eta, ln_weight, ln_bias, token_scale and every part of the initial state."""
 
+import importlib
 import itertools
 
 import pytest
@@ -130,6 +131,29 @@ def test_torch_path_hypothesis(lengths, packed, expand, b, scale, flags, mid):
     else:
         inputs, cu = make_inputs(1, lengths[0], 2, 4, b, torch.float32, expand, scale, positions=positions)
     compare(run("torch", inputs, cu, b, **flags), reference(inputs, cu, b, **flags), BOUND_F32)
+
+
+@pytest.mark.parametrize("lengths,positions", [(None, None), ([9, 0, 15, 3], [3, 1, 3, 2])])
+def test_inference_forward_runs_in_segments(lengths, positions, monkeypatch):
+    # Without gradients the torch path runs SEGMENT_CHUNKS mini-batches at a time (2 here), each from the
+    # weights the one before ended with: b = 4 makes T = 21 six mini-batches (three runs), and a longest
+    # sequence of 15 after 3 open positions five (runs of 2, 2, 1).
+    chunk_module = importlib.import_module("ipl_layers.ops.ttt_mlp_chunk")
+    calls, real = [], chunk_module._run
+    monkeypatch.setattr(chunk_module, "_run", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(chunk_module, "SEGMENT_CHUNKS", 2)
+    T = 21 if lengths is None else sum(lengths)
+    inputs, cu = make_inputs(2, T, 2, 4, 4, torch.float64, lengths=lengths, positions=positions)
+    q, k, v, eta, ln_w, ln_b, s, *state = (x.detach() if x is not None else None for x in inputs)
+    kw = dict(ln_weight=ln_w, ln_bias=ln_b, token_scale=s, mini_batch_size=4, initial_state=initial_state(*state),
+              output_final_state=True, cu_seqlens=cu)
+    o, final = ttt_mlp(q, k, v, eta, backend="torch", **kw)
+    assert calls == [2, 2, 2] if lengths is None else calls == [2, 2, 1]
+    o_ref, final_ref = ttt_mlp(q, k, v, eta, backend="reference", **kw)
+    assert_rel_rms("o", o, o_ref, BOUND_F64)
+    for name, x, y in zip(STATE, final, final_ref):
+        assert_rel_rms(name, x, y, BOUND_F64)
+    assert torch.equal(final.position, final_ref.position)
 
 
 def test_gradcheck():
