@@ -12,9 +12,11 @@ Per (sequence, head) and chunk c in reverse, with dθ' the gradient of the next 
              Z2 = X2 W2 + b2, X2 = gelu(Z1k): dZ1k = dX2 gelu'(Z1k) + d(gelu') gelu''(Z1k)
     input    [Z1q0; Z1k] = [Q; K] W1 + b1
 
-(the P terms and the open sums S of chunk 0 enter as in the forward). The chunk's keys' side (X2, G2 and
-its LN intermediates) is recomputed from the saved start weights and pre-activations; dQ and dK from
-P1 = tril(Q K^T) run for all chunks at once after the loop.
+(the P terms and the open sums S of chunk 0 enter as in the forward). Everything on the queries' side
+(output, layers 2 and 1, the P products, dq) depends on no later chunk, so it runs for all chunks at once
+before the loop, against the saved start weights; the loop runs the rest, which the next chunk's dθ'
+enters, with the keys' side (Z1k, gelu' and gelu'', Z2, G2 and its LN intermediates) recomputed from the
+saved start weights and activations.
 """
 
 import torch
@@ -49,7 +51,7 @@ def chunk_backward(saved, do, dfinal, last, C, use_ln, use_residual, dtypes):
     s_end = s[:, -1:]  # [NH, 1, 1]
     gamma_sq = gamma * gamma
     tt = (beta - target) * gamma if use_ln else target  # the inner gradient's target term
-    W1s, b1s, W2s, b2s = (x[:-1] for x in thetas)  # each chunk's start weights [NC, NH, ...]
+    W1s, W2s = thetas[0][:-1], thetas[2][:-1]  # each chunk's start weights [NC, NH, ...]
 
     # the output LN's backward: dZ2q [NC, NH, C, K]
     doc = chunk_major(do, C, dt)
