@@ -41,6 +41,8 @@ class OpCase:
     impls: Tuple[Impl, ...]  # ours first
     # FLOPs of our chunked forward (bench/README.md), for ops with a matmul-rate target; None: no such target
     fwd_flops: Optional[Callable[[Shape], float]] = None
+    # (another case, r): ours fwd+bwd at the target length within r times that case's ours in the same run
+    within: Optional[Tuple[str, float]] = None
 
     def __post_init__(self):
         if not self.impls or self.impls[0].role != OURS or any(i.role == OURS for i in self.impls[1:]):
@@ -251,6 +253,7 @@ TTT_LINEAR_CASES = (
         (Impl("ours ttt_linear (mini-batch 16)", OURS, _ours_ttt_linear),
          Impl("fla chunk_ttt_linear_ref", BASELINE, _fla(_fla_ttt_linear),
               note="fla's TTT-Linear reference: lr per query position, o + LN(o) output, q scaled: a speed peer")),
+        within=("delta_rule:gated", 2.0),  # the cost of LN and mini-batch 16 stays bounded
     ),
 )
 
@@ -278,7 +281,8 @@ def _ours_ttt_mlp(backend: str, chunk: int) -> Callable:
 
 
 TTT_MLP_CASES = (
-    OpCase("ttt_mlp:mb16", _ttt_mlp_inputs, (Impl("ours ttt_mlp (mini-batch 16, F = 4K)", OURS, _ours_ttt_mlp),)),
+    OpCase("ttt_mlp:mb16", _ttt_mlp_inputs, (Impl("ours ttt_mlp (mini-batch 16, F = 4K)", OURS, _ours_ttt_mlp),),
+           within=("ttt_linear:mb16", 4.0)),
 )
 
 CASES = CASES + DELTA_RULE_CASES + TTT_LINEAR_CASES + TTT_MLP_CASES

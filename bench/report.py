@@ -39,6 +39,14 @@ def targets(cases, rows, matmul_rate):
                 out.append((f"{case.name}: {goal}",
                             None if speedup is None else f"{speedup:.2f}x",
                             None if speedup is None else speedup >= TARGET_SPEEDUP))
+        if case.within is not None:
+            other_name, limit = case.within
+            ours = at_target(case, case.impls[0], "fwd+bwd")
+            other = next((at_target(c, c.impls[0], "fwd+bwd") for c in cases if c.name == other_name), None)
+            ratio = ours["median_s"] / other["median_s"] if ours and other else None
+            out.append((f"{case.name}: ours fwd+bwd at T={TARGET_T} within {limit:g}x of ours {other_name} "
+                        "(same run)", None if ratio is None else f"{ratio:.2f}x",
+                        None if ratio is None else ratio <= limit))
     return out
 
 
