@@ -20,3 +20,14 @@ def assert_rel_rms(name: str, x: torch.Tensor, ref: torch.Tensor, bound: float):
     assert torch.isfinite(x).all(), f"{name}: {int((~torch.isfinite(x)).sum())} non-finite entries"
     err = rel_rms(x, ref)
     assert err <= bound, f"{name}: relative RMS error {err:.3e} > bound {bound:.1e}"
+
+
+def compare(got: dict, ref: dict, bound: float):
+    """Every named result of a path against the reference's: integer ones (positions) exactly, the others by
+    relative RMS error."""
+    assert got.keys() == ref.keys()
+    for name in ref:
+        if ref[name].is_floating_point():
+            assert_rel_rms(name, got[name], ref[name], bound)
+        else:
+            assert torch.equal(got[name], ref[name]), f"{name}: {got[name].tolist()} != {ref[name].tolist()}"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_rel_rms, rel_rms
+from helpers import assert_rel_rms, compare, rel_rms
 from ipl_layers.ops import delta_rule, delta_rule_reference
 
 # Bounds on the relative RMS error against the float64 reference. float64 agrees to rounding (measured
@@ -66,12 +66,6 @@ def run(backend, inputs, cu, chunk_size=16, normalize_outside=False, **kw):
 
 def reference(inputs, cu, **kw):
     return run("reference", [None if x is None else x.detach().double().requires_grad_() for x in inputs], cu, **kw)
-
-
-def compare(got, ref, bound):
-    assert got.keys() == ref.keys()
-    for name in ref:
-        assert_rel_rms(name, got[name], ref[name], bound)
 
 
 @pytest.mark.parametrize("gated", [False, True])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import assert_rel_rms, rel_rms
+from helpers import assert_rel_rms, compare, rel_rms
 from ipl_layers.ops import linear_attention, linear_attention_reference
 
 # Bounds on the relative RMS error against the float64 reference. float64 paths agree to rounding
@@ -61,12 +61,6 @@ def run(backend, inputs, cu, chunk_size=16):
 
 def reference(inputs, cu):
     return run("reference", [None if x is None else x.detach().double().requires_grad_() for x in inputs], cu)
-
-
-def compare(got, ref, bound):
-    assert got.keys() == ref.keys()
-    for name in ref:
-        assert_rel_rms(name, got[name], ref[name], bound)
 
 
 @pytest.mark.parametrize("g_form", G_FORMS)

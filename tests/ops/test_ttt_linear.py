@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_rel_rms, rel_rms
+from helpers import assert_rel_rms, compare, rel_rms
 from ipl_layers.ops import delta_rule, ttt_linear, ttt_linear_reference
 from ipl_layers.state import TTTLinearState
 
@@ -81,13 +81,6 @@ def run(backend, inputs, cu, b, **flags):
 def reference(inputs, cu, b, **flags):
     leaves = [None if x is None else x.detach().double().requires_grad_() for x in inputs[:-1]]
     return run("reference", leaves + inputs[-1:], cu, b, **flags)
-
-
-def compare(got, ref, bound):
-    assert got.keys() == ref.keys()
-    assert torch.equal(got.pop("position"), ref.pop("position"))
-    for name in ref:
-        assert_rel_rms(name, got[name], ref[name], bound)
 
 
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "-".join(k[4:] for k, on in f.items() if on) or "plain")
