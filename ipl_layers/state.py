@@ -34,11 +34,12 @@ _FORMAT = "ipl_layers.FastWeightCache/1"
 
 
 def _map(value: State, fn) -> State:
-    """Applies `fn` to a state tensor, or to every tensor of a tuple state (keeping a NamedTuple's type)."""
+    """Applies `fn` to a state tensor, or to every tensor of a tuple state (keeping a state class's type: each
+    is built from its tensors in order)."""
     if not isinstance(value, tuple):
         return fn(value)
     mapped = [fn(t) for t in value]
-    return type(value)(*mapped) if hasattr(value, "_fields") else tuple(mapped)
+    return tuple(mapped) if type(value) is tuple else type(value)(*mapped)
 
 
 def _position_scales(token_scale: torch.Tensor, position: torch.Tensor, H: int, dtype) -> torch.Tensor:
@@ -90,6 +91,53 @@ class TTTMLPState(NamedTuple):
         """(W1, b1, W2, b2) in effect after the last token: each start weight minus s_p times its sum."""
         s_p = _position_scales(token_scale, self.position, self.W1.shape[1], self.W1.dtype)  # [N, H]
         return tuple(w - s_p.view(*s_p.shape, *[1] * (w.dim() - 2)) * g for w, g in zip(self[:4], self[4:8]))
+
+
+class TitansState(tuple):
+    """The memory of `titans_memory` per sequence and head, as one flat tuple of tensors (so that the cache can
+    copy, reorder and save it like any other state) for a memory MLP of depth L:
+
+        (start_1..start_L, momentum_1..momentum_L, weights_1..weights_L, position)
+
+    Titans takes every gradient of a chunk at the weights the chunk started from, while the momentum S and the
+    weights M themselves move token by token (S_t = eta_t S_t-1 - theta_t grad, M_t = (1 - alpha_t) M_t-1 + S_t).
+    A sequence that stops mid-chunk therefore carries three sets of L matrices: the open chunk's start weights
+    (where its remaining tokens take their gradients), the momentum and the weights after its last token. At a
+    chunk boundary (position 0) the start weights equal the weights.
+    """
+
+    def __new__(cls, *tensors: torch.Tensor):
+        if len(tensors) < 4 or len(tensors) % 3 != 1:
+            raise ValueError(f"TitansState: expected 3 L + 1 tensors (L >= 1), got {len(tensors)}")
+        return super().__new__(cls, tensors)
+
+    @classmethod
+    def of(cls, start, momentum, weights, position) -> "TitansState":
+        return cls(*start, *momentum, *weights, position)
+
+    @property
+    def depth(self) -> int:
+        return (len(self) - 1) // 3
+
+    @property
+    def start(self) -> Tuple[torch.Tensor, ...]:
+        """[N, H, d_in, d_out] fp32 per layer: the weights the open chunk started from."""
+        return tuple(self[: self.depth])
+
+    @property
+    def momentum(self) -> Tuple[torch.Tensor, ...]:
+        """[N, H, d_in, d_out] fp32 per layer: S after the last token."""
+        return tuple(self[self.depth : 2 * self.depth])
+
+    @property
+    def weights(self) -> Tuple[torch.Tensor, ...]:
+        """[N, H, d_in, d_out] fp32 per layer: M after the last token, the weights the next query reads."""
+        return tuple(self[2 * self.depth : 3 * self.depth])
+
+    @property
+    def position(self) -> torch.Tensor:
+        """[N] int64: tokens of the open chunk so far, in [0, chunk_size)."""
+        return self[-1]
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:

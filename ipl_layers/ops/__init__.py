@@ -3,6 +3,7 @@
 from ipl_layers.ops.delta_rule import delta_rule, delta_rule_reference
 from ipl_layers.ops.linear_attention import linear_attention, linear_attention_reference
 from ipl_layers.ops.short_conv import short_conv, short_conv_reference
+from ipl_layers.ops.titans_memory import titans_memory, titans_memory_reference
 from ipl_layers.ops.ttt_linear import ttt_linear, ttt_linear_reference
 from ipl_layers.ops.ttt_mlp import ttt_mlp, ttt_mlp_reference
 
@@ -13,6 +14,8 @@ __all__ = [
     "linear_attention_reference",
     "short_conv",
     "short_conv_reference",
+    "titans_memory",
+    "titans_memory_reference",
     "ttt_linear",
     "ttt_linear_reference",
     "ttt_mlp",
