@@ -4,6 +4,7 @@ from ipl_layers.layers.conv import ShortConvolution
 from ipl_layers.layers.delta_rule import DeltaNet, GatedDeltaNet
 from ipl_layers.layers.linear_attention import GatedLinearAttention, LinearAttention
 from ipl_layers.layers.norm import GatedRMSNorm, RMSNorm
+from ipl_layers.layers.titans import TitansMemory
 from ipl_layers.layers.ttt_linear import TTTMLP, TTTLinear
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "RMSNorm",
     "ShortConvolution",
     "TTTLinear",
+    "TitansMemory",
     "TTTMLP",
 ]
