@@ -32,6 +32,9 @@ class Impl:
     load: Callable[[str, int], Callable]  # (our backend, chunk) -> fn(**inputs) -> o; ImportError if missing
     layout: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None  # untimed
     note: str = ""
+    # (speed-up, peak ratio): ours fwd+bwd at the target length at least this much faster than this
+    # implementation, with at most this fraction of its peak memory (its peak is then always profiled)
+    goal: Optional[Tuple[float, float]] = None
 
 
 @dataclass(frozen=True)
@@ -285,7 +288,59 @@ TTT_MLP_CASES = (
            within=("ttt_linear:mb16", 4.0)),
 )
 
-CASES = CASES + DELTA_RULE_CASES + TTT_LINEAR_CASES + TTT_MLP_CASES
+
+
+# ---- titans: the Titans neural memory as a layer, ours vs titans-pytorch's NeuralMemory (layer vs layer) ----
+
+def _titans_inputs(s: Shape, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    return {"x": torch.randn(s.B, s.T, s.H, s.K, generator=gen)}  # hidden states, [B, T, H * K] once flattened
+
+
+def _titans_layer(build: Callable[[int, int, int], torch.nn.Module]) -> Callable[[str, int], Callable]:
+    """fn(x [B, T, H, K]) -> the layer's output on x.flatten(-2); one layer per (H, K), built (seeded, untimed
+    after the first call) from the head count and head dim the inputs carry."""
+
+    def loader(backend: str, chunk: int) -> Callable:
+        layers: Dict[Tuple[int, int], torch.nn.Module] = {}
+
+        def fn(x):
+            H, K = x.shape[-2:]
+            if (H, K) not in layers:
+                torch.manual_seed(0)
+                layers[(H, K)] = build(H, K, chunk, backend)
+            return layers[(H, K)](x.flatten(-2))[0]
+
+        return fn
+
+    return loader
+
+
+def _ours_titans(H: int, K: int, chunk: int, backend: str) -> torch.nn.Module:
+    from ipl_layers.layers import TitansMemory
+
+    return TitansMemory(H * K, num_heads=H, depth=2, expand=4, chunk_size=chunk, backend=backend)
+
+
+def _titans_pytorch(H: int, K: int, chunk: int, backend: str) -> torch.nn.Module:
+    from titans_pytorch import NeuralMemory
+
+    return NeuralMemory(H * K, chunk_size=chunk, heads=H, dim_head=K,
+                        default_model_kwargs=dict(depth=2, expansion_factor=4.0))
+
+
+TITANS_CASES = (
+    OpCase(
+        "titans:layer", _titans_inputs,
+        (Impl("ours TitansMemory layer (depth 2, F = 4K)", OURS, _titans_layer(_ours_titans),
+              note="projections, short convs, gates, the memory (gradients at chunk starts, token-level momentum "
+                   "and forgetting), RMSNorm, o_proj"),
+         Impl("titans-pytorch NeuralMemory", BASELINE, _titans_layer(_titans_pytorch), goal=(5.0, 0.5),
+              note="same chunk size and memory depth/width; other math: one gradient per chunk (vmap over "
+                   "chunks), lr/momentum/decay per chunk, retrieval from the weights before the chunk")),
+    ),
+)
+
+CASES = CASES + DELTA_RULE_CASES + TTT_LINEAR_CASES + TTT_MLP_CASES + TITANS_CASES
 
 
 def select(names) -> Tuple[OpCase, ...]:

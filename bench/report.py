@@ -39,6 +39,19 @@ def targets(cases, rows, matmul_rate):
                 out.append((f"{case.name}: {goal}",
                             None if speedup is None else f"{speedup:.2f}x",
                             None if speedup is None else speedup >= TARGET_SPEEDUP))
+        for impl in case.impls:
+            if impl.goal is not None:
+                speed, memory = impl.goal
+                peer = at_target(case, impl, "fwd+bwd")
+                ours = at_target(case, case.impls[0], "fwd+bwd")
+                speedup = peer.get("speedup") if peer else None
+                peaks = (ours or {}).get("peak_bytes"), (peer or {}).get("peak_bytes")
+                ratio = peaks[0] / peaks[1] if None not in peaks else None
+                out.append((f"{case.name}: ours fwd+bwd at T={TARGET_T} >= {speed:g}x faster than {impl.label}",
+                            None if speedup is None else f"{speedup:.2f}x",
+                            None if speedup is None else speedup >= speed))
+                out.append((f"{case.name}: ours fwd+bwd peak at T={TARGET_T} <= {memory:g} x {impl.label}'s",
+                            None if ratio is None else f"{ratio:.2f}x", None if ratio is None else ratio <= memory))
         if case.within is not None:
             other_name, limit = case.within
             ours = at_target(case, case.impls[0], "fwd+bwd")

@@ -87,22 +87,23 @@ def check_same_math(case, ours_fn, ours_impl, peer_fn, peer_impl):
 PROFILE_MAX_SECONDS = 1.0  # slower calls (token-by-token peers at T=4096) would fill memory with profiler events
 
 
-def _with_peak(fn, timing):
-    """Timing plus the call's peak tensor bytes, or None where a call is too long to profile."""
-    return timing + ((peak_tensor_bytes(fn)[0] if timing[0] <= PROFILE_MAX_SECONDS else None),)
+def _with_peak(fn, timing, always):
+    """Timing plus the call's peak tensor bytes, or None where a call is too long to profile (unless `always`:
+    a memory target needs it)."""
+    return timing + ((peak_tensor_bytes(fn)[0] if always or timing[0] <= PROFILE_MAX_SECONDS else None),)
 
 
-def measure(fn, impl, inputs, min_run_time):
+def measure(fn, impl, inputs, min_run_time, always_profile=False):
     """{pass: (median seconds, IQR seconds, timed calls, peak bytes or None)}: the forward, then forward+backward
     with the gradients of every input."""
     args = prepared(impl, inputs, False)
     forward = lambda: fn(**args)  # noqa: E731
-    result = {"fwd": _with_peak(forward, median_seconds(forward, min_run_time))}
+    result = {"fwd": _with_peak(forward, median_seconds(forward, min_run_time), always_profile)}
     o = forward()
     args = prepared(impl, inputs, True)
     leaves, do = list(args.values()), torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
     step = lambda: torch.autograd.grad(fn(**args), leaves, do)  # noqa: E731
-    result["fwd+bwd"] = _with_peak(step, median_seconds(step, min_run_time))
+    result["fwd+bwd"] = _with_peak(step, median_seconds(step, min_run_time), always_profile)
     return result
 
 
@@ -141,7 +142,8 @@ def run_case(case, args, rows, failures):
                 continue
             print(f"  {case.name} T={T}: {impl.label}", file=sys.stderr, flush=True)
             try:
-                results[impl.label] = measure(fn, impl, inputs, args.min_run_time)
+                always = any(i.goal is not None for i in case.impls)  # a memory target compares peaks
+                results[impl.label] = measure(fn, impl, inputs, args.min_run_time, always)
             except Exception as e:  # a broken peer or op becomes a row, not a crash
                 results[impl.label] = f"error: {type(e).__name__}: {e}"
                 if impl.role == OURS:

@@ -22,20 +22,15 @@ exactly, with no [C, d_in, d_out] per-token weights. Only the keys' side (forwar
 MLP at G) and the state update run chunk after chunk; the queries of a run of chunks run at once.
 """
 
-import math
 from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ipl_layers.ops.ttt_linear_chunk import LN_EPS, grid, per_row, ungrid
 
 SEGMENT_CHUNKS = 16  # chunks per run: the query side holds the weights of one run's chunks at a time
-
-
-def gelu_slope(z: torch.Tensor) -> torch.Tensor:
-    """d/dz of the exact (erf) GELU: Phi(z) + z phi(z)."""
-    return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
 
 
 def coefficients(theta: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor, m: torch.Tensor):
@@ -82,7 +77,7 @@ def mlp_grads(x: torch.Tensor, G: Sequence[torch.Tensor], target: torch.Tensor, 
         d = 2 * (pre[-1] - target)
     grads = [d]
     for l in range(len(G) - 1, 0, -1):
-        d = (d @ G[l].mT) * gelu_slope(pre[l - 1])
+        d = torch.ops.aten.gelu_backward(d @ G[l].mT, pre[l - 1])  # (d W^T) gelu'(z): one op, differentiable
         grads.insert(0, d)
     return inputs, grads
 
@@ -101,9 +96,9 @@ def _run(qc, kc, tc, gates, G, M0, S0, ln, use_ln):
         Xs.append(X)
         Ds.append(D)
         # u summed with the chunk end's coefficients: x^T (coef * d) per layer
-        M0 = [fC[r][..., None] * M + bC[r][..., None] * S - x.mT @ (cC[r][..., None] * d)
-              for M, S, x, d in zip(M0, S0, X, D)]
-        S0 = [eC[r][..., None] * S - x.mT @ (sC[r][..., None] * d) for S, x, d in zip(S0, X, D)]
+        M0 = [torch.baddbmm(torch.addcmul(fC[r][..., None] * M, bC[r][..., None], S), x.mT, cC[r][..., None] * d,
+                            alpha=-1) for M, S, x, d in zip(M0, S0, X, D)]
+        S0 = [torch.baddbmm(eC[r][..., None] * S, x.mT, sC[r][..., None] * d, alpha=-1) for S, x, d in zip(S0, X, D)]
         G = M0
     stack = lambda xs, l: torch.stack([x[l] for x in xs])  # noqa: E731
     h = qc
@@ -136,14 +131,21 @@ def chunk_forward(q, k, v, theta, eta, alpha, m, ln_weight, ln_bias, state, ends
     gates = coefficients(*(chunked(x[..., None])[..., 0] for x in (theta, eta, alpha, m)))  # [NC, NH, ...]
     flat = lambda xs: [x.to(dt).flatten(0, 1) for x in xs]  # noqa: E731  [N, H, ..] -> [NH, ..]
     G, M0, S0 = flat(state[0]), flat(state[2]), flat(state[1])
+    last = (ends // C).tolist()
+    mid = (ends % C != 0).tolist()
+    wanted = {c for c, m in zip(last, mid) if m}  # chunks some sequence's final state starts in
     outs: List[torch.Tensor] = []
-    starts: List[List[torch.Tensor]] = []  # G of every chunk
+    starts = {}  # G of the wanted chunks
     for r in range(0, NC, SEGMENT_CHUNKS):
         part = slice(r, r + SEGMENT_CHUNKS)
         run_gates = tuple(tuple(x[part] for x in group) for group in gates)
-        z, (M0, S0), Gs = _run(qc[part], kc[part], tc[part], run_gates, G, M0, S0, (gamma, beta), use_ln)
+        args = (qc[part], kc[part], tc[part], run_gates, G, M0, S0, (gamma, beta), use_ln)
+        if torch.is_grad_enabled():  # autograd keeps one run's intermediates at a time: the backward recomputes
+            z, (M0, S0), Gs = checkpoint(_run, *args, use_reentrant=False)
+        else:
+            z, (M0, S0), Gs = _run(*args)
         outs.append(z)
-        starts.extend(Gs)
+        starts.update({r + i: g for i, g in enumerate(Gs) if r + i in wanted})
         G = M0
     out = torch.cat(outs)  # [NC, NH, C, V]
     if use_ln:
@@ -151,9 +153,6 @@ def chunk_forward(q, k, v, theta, eta, alpha, m, ln_weight, ln_bias, state, ends
     o = ungrid(out + qc if use_residual else out, N).to(v.dtype)  # [N, Tp, H, V]
 
     # each sequence's final start weights: those of the chunk it ends in (mid-chunk), else its final weights
-    starts.append(M0)
-    last = (ends // C).tolist()
-    mid = (ends % C != 0).tolist()
     unflat = lambda x: x.unflatten(0, (N, H))  # noqa: E731
     start = [torch.stack([unflat(starts[c][l] if mid[n] else M0[l])[n] for n, c in enumerate(last)])
              if N else unflat(M0[l]) for l in range(len(M0))]

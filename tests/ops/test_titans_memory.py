@@ -130,7 +130,8 @@ def test_torch_path_hypothesis(lengths, packed, depth, C, flags, mid):
 def test_runs_of_chunks(lengths, positions, monkeypatch):
     # The torch path runs SEGMENT_CHUNKS chunks at a time (2 here), each run from the states the one before
     # ended with: chunk 4 makes T = 21 six chunks (three runs), and a longest sequence of 15 after 3 open
-    # positions five (runs of 2, 2, 1).
+    # positions five (runs of 2, 2, 1). Autograd keeps one run's intermediates at a time: the backward runs
+    # each run's forward again (last run first).
     chunk_module = importlib.import_module("ipl_layers.ops.titans_chunk")
     calls, real = [], chunk_module._run
     monkeypatch.setattr(chunk_module, "_run", lambda *a: calls.append(a[0].shape[0]) or real(*a))
@@ -138,7 +139,8 @@ def test_runs_of_chunks(lengths, positions, monkeypatch):
     T = 21 if lengths is None else sum(lengths)
     inputs, cu = make_inputs(2, T, 2, 4, 2, torch.float64, lengths=lengths, positions=positions)
     got = run("torch", inputs, cu, 4)
-    assert calls == ([2, 2, 2] if lengths is None else [2, 2, 1])
+    runs = [2, 2, 2] if lengths is None else [2, 2, 1]
+    assert calls == runs + runs[::-1]
     compare(got, reference(inputs, cu, 4), BOUND_F64)
 
 
