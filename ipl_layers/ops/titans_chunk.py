@@ -157,3 +157,32 @@ def chunk_forward(q, k, v, theta, eta, alpha, m, ln_weight, ln_bias, state, ends
     start = [torch.stack([unflat(starts[c][l] if mid[n] else M0[l])[n] for n, c in enumerate(last)])
              if N else unflat(M0[l]) for l in range(len(M0))]
     return o, (start, [unflat(x) for x in S0], [unflat(x) for x in M0])
+
+
+def step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, state, C, use_ln, use_residual):
+    """One token per sequence (decoding): q, k [N, H, K], v [N, H, V], gates [N, H], state (start, momentum,
+    weights, position) -> (o [N, H, V] in v.dtype, the next (start, momentum, weights, position)). The token's
+    gradient at the start weights, S = eta S - theta u, M = (1 - alpha) M + S, y = M(q); a chunk that fills
+    commits M as the next start. The same arithmetic as one row of the chunked form, without its [C, C] grids."""
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    N, H, K = q.shape
+    flat = lambda xs: [x.to(dt).flatten(0, 1) for x in xs]  # noqa: E731  [N, H, ..] -> [NH, ..]
+    G, S, M = (flat(x) for x in state[:3])
+    rows = lambda x: x.to(dt).flatten(0, 1)[:, None]  # noqa: E731  [N, H, D] -> [NH, 1, D]
+    qr, kr, vr = rows(q), rows(k), rows(v)
+    gamma, beta = (per_row(x, N, dt)[:, None] for x in (ln_weight, ln_bias))  # [NH, 1, V]
+    X, D = mlp_grads(kr, G, vr - kr if use_residual else vr, (gamma, beta), use_ln)
+    th, et, al = (x.to(dt).reshape(-1, 1, 1) for x in (theta, eta, alpha))  # [NH, 1, 1]
+    S = [et * s - th * (x.mT @ d) for s, x, d in zip(S, X, D)]  # u = x^T d: the token's gradient per layer
+    M = [(1 - al) * m + s for m, s in zip(M, S)]
+    h = qr
+    for l, W in enumerate(M):
+        h = (h if l == 0 else F.gelu(h)) @ W
+    if use_ln:
+        h = F.layer_norm(h, (h.shape[-1],), eps=LN_EPS) * gamma + beta
+    o = (h + qr if use_residual else h)[:, 0].unflatten(0, (N, H)).to(v.dtype)  # [N, H, V]
+    position = state[3] + 1
+    full = (position == C).view(N, 1, 1, 1)
+    unflat = lambda x: x.unflatten(0, (N, H))  # noqa: E731
+    start = [torch.where(full, unflat(m), unflat(g)) for g, m in zip(G, M)]
+    return o, (start, [unflat(x) for x in S], [unflat(x) for x in M], position % C)

@@ -229,6 +229,12 @@ def titans_memory(
             initial_state=init, output_final_state=output_final_state, cu_seqlens=cu_seqlens, **flags,
         )
     C = chunk_size
+    if q.shape[1] == 1 and cu_seqlens is None:  # decoding: one token per sequence, no [C, C] grids
+        o, (start, momentum, weights, position) = chunk.step(
+            q[:, 0], k[:, 0], v[:, 0], theta[:, 0], eta[:, 0], alpha[:, 0], *_ln_params(q, v, ln_weight, ln_bias),
+            (init.start, init.momentum, init.weights, init.position), C, use_ln, use_residual,
+        )
+        return o[:, None], (TitansState.of(start, momentum, weights, position) if output_final_state else None)
     lengths = torch.diff(cu_seqlens.long()) if cu_seqlens is not None else init.position.new_full((N,), q.shape[1])
     ends = init.position + lengths.to(init.position.device)  # [N]: positions covered in the padded grid
     # padding rows: theta = 0, eta = 1, alpha = 0 and mask 0 leave S and M as they are; `position` rows in
