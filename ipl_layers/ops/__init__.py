@@ -1,6 +1,7 @@
 """The public functional API: one module per op family (reference, torch chunked path, dispatch)."""
 
 from ipl_layers.ops.delta_rule import delta_rule, delta_rule_reference
+from ipl_layers.ops.embedding_bag import embedding_bag, embedding_bag_reference
 from ipl_layers.ops.linear_attention import linear_attention, linear_attention_reference
 from ipl_layers.ops.short_conv import short_conv, short_conv_reference
 from ipl_layers.ops.titans_memory import titans_memory, titans_memory_reference
@@ -10,6 +11,8 @@ from ipl_layers.ops.ttt_mlp import ttt_mlp, ttt_mlp_reference
 __all__ = [
     "delta_rule",
     "delta_rule_reference",
+    "embedding_bag",
+    "embedding_bag_reference",
     "linear_attention",
     "linear_attention_reference",
     "short_conv",

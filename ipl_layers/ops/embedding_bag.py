@@ -1,0 +1,158 @@
+"""`embedding_bag`: the weighted sum of selected value rows, the read of the sparse key-value memory layers.
+
+    out[b] = sum_j weights[b, j] * values[indices[b, j]]          (a bag of n rows per leading index b)
+
+Its backward gives the weights' gradient, dweights[b, j] = <dout[b], values[indices[b, j]]>, and the value
+table's, dvalues[r] = sum over the (b, j) with indices[b, j] = r of weights[b, j] * dout[b]. The table can have
+millions of rows of which a batch touches few, so that gradient is accumulated deterministically through a
+reverse index (the (b, j) sorted by row, stably: each row's contributions are summed in one fixed order, with
+no atomics) and can be returned as a sparse row set (`sparse_grad=True`, as `nn.Embedding(sparse=True)`), so a
+dense [N, D] gradient never exists.
+
+This module holds the reference, the input checks, the torch path's autograd Function and the dispatch.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ipl_layers._checks import FLOAT_DTYPES, _fmt
+from ipl_layers.backend import resolve_backend
+
+BACKENDS = ("reference", "torch")
+GATHER_BLOCK = 1 << 22  # elements of gathered rows at once in the weights' gradient ([bags, n, D] in blocks)
+
+
+def _check_inputs(indices, weights, values):
+    """indices [*, n] int32/int64, weights [*, n] floating, values [N, D] floating, one device; every index in
+    [0, N)."""
+    for name, x in (("indices", indices), ("weights", weights), ("values", values)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if values.dim() != 2:
+        raise ValueError(f"values: expected 2-D [N, D], got {values.dim()}-D with shape {_fmt(values.shape)}")
+    if values.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"values: expected a floating dtype (float16/bfloat16/float32/float64), got {values.dtype}")
+    if indices.dim() < 1:
+        raise ValueError("indices: expected at least 1-D [*, n], got a 0-D tensor")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices: expected dtype int32 or int64, got {indices.dtype}")
+    if weights.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weights: expected a floating dtype (float16/bfloat16/float32/float64), got {weights.dtype}")
+    if weights.shape != indices.shape:
+        raise ValueError(f"weights: expected the shape of indices [*, n] = {_fmt(indices.shape)}, "
+                         f"got {_fmt(weights.shape)}")
+    for name, x in (("indices", indices), ("weights", weights)):
+        if x.device != values.device:
+            raise ValueError(f"{name}: expected device {values.device} (the device of values), got {x.device}")
+    if indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= values.shape[0]:
+            raise ValueError(f"indices: expected values in [0, N = {values.shape[0]}), got min {low}, max {high}")
+
+
+def embedding_bag_reference(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Bag by bag and row by row, written for clarity; accumulates in float64 for float64 inputs (else fp32)."""
+    _check_inputs(indices, weights, values)
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    M, n = math.prod(indices.shape[:-1]), indices.shape[-1]
+    idx, w = indices.reshape(M, n), weights.reshape(M, n)
+    bags = []
+    for b in range(idx.shape[0]):
+        out = values[:0].to(acc).sum(0)  # zeros [D] (in the graph of values, so an empty bag has a gradient)
+        for j in range(idx.shape[1]):
+            out = out + w[b, j].to(acc) * values[idx[b, j]].to(acc)
+        bags.append(out)
+    out = torch.stack(bags) if bags else values[:0].to(acc)  # no bags: [0, D]
+    return out.reshape(*indices.shape[:-1], values.shape[1]).to(values.dtype)
+
+
+def reverse_index(idx: torch.Tensor, n: int):
+    """Flat indices [M * n] -> (rows [U] the distinct rows touched, ascending; order [M * n] the entries sorted
+    by row, stably; offsets [U] where each row's run of entries starts in `order`)."""
+    sorted_idx, order = torch.sort(idx, stable=True)
+    rows, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
+    offsets = torch.cumsum(counts, 0) - counts
+    return rows, order, offsets
+
+
+class EmbeddingBagFunction(torch.autograd.Function):
+    """The torch path: `F.embedding_bag` (sum with per-sample weights) forward; the backward described in the
+    module docstring."""
+
+    @staticmethod
+    def forward(ctx, idx, w, values, sparse_grad):
+        # idx [M, n] int64, w [M, n] in the compute dtype, values [N, D]
+        ctx.save_for_backward(idx, w, values)
+        ctx.sparse_grad = sparse_grad
+        acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+        if idx.shape[1] == 0:
+            return values.new_zeros(idx.shape[0], values.shape[1])
+        if values.dtype == acc:
+            out = F.embedding_bag(idx, values, per_sample_weights=w.to(acc), mode="sum")
+        else:  # low precision: convert only the rows touched, never the whole table
+            rows, inverse = torch.unique(idx, return_inverse=True)
+            out = F.embedding_bag(inverse, values[rows].to(acc), per_sample_weights=w.to(acc), mode="sum")
+        return out.to(values.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        idx, w, values = ctx.saved_tensors
+        M, n = idx.shape
+        N, D = values.shape
+        acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+        dout = dout.to(acc)
+        dw = dvalues = None
+        if ctx.needs_input_grad[1]:
+            dw = w.new_empty(M, n, dtype=acc)
+            block = max(1, GATHER_BLOCK // max(1, n * D))  # bags per block: [block, n, D] gathered at a time
+            for s in range(0, M, block):
+                rows = values[idx[s:s + block]].to(acc)  # [block, n, D]
+                dw[s:s + block] = (rows @ dout[s:s + block, :, None])[..., 0]
+            dw = dw.to(w.dtype)
+        if ctx.needs_input_grad[2]:
+            rows, order, offsets = reverse_index(idx.reshape(-1), n)
+            # each touched row sums w * dout of its (bag, slot) entries, in the stable order: a bag over dout
+            per_row = (F.embedding_bag(order // n, dout, offsets, per_sample_weights=w.reshape(-1)[order].to(acc),
+                                       mode="sum") if rows.numel() else dout.new_zeros(0, D)).to(values.dtype)
+            if ctx.sparse_grad:
+                # rows come sorted and distinct from the reverse index: coalesced by construction
+                dvalues = torch.sparse_coo_tensor(rows[None], per_row, (N, D), is_coalesced=True,
+                                                  check_invariants=False)
+            else:
+                dvalues = values.new_zeros(N, D).index_copy_(0, rows, per_row)  # distinct rows: no accumulation
+        return None, dw, dvalues, None
+
+
+def embedding_bag(
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    sparse_grad: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """out[b] = sum_j weights[b, j] * values[indices[b, j]].
+
+    Args:
+        indices: [*, n] int32/int64 rows of `values`, each in [0, N) (repeats allowed).
+        weights: [*, n] their weights (e.g. the softmax over the selected scores); differentiable.
+        values: [N, D] the value table; differentiable.
+        sparse_grad: give `values` a sparse COO gradient holding only the rows touched (coalesced), as
+            `nn.Embedding(sparse=True)` does: for tables too large for a dense gradient (use an optimizer that
+            takes sparse gradients, e.g. `torch.optim.SparseAdam`).
+        backend: "torch" (CPU path) or "reference". Default: `IPL_BACKEND`, else "torch" on CPU; CUDA tensors
+            need an explicit backend until the Triton kernels exist.
+
+    Returns:
+        [*, D] in the dtype of values (accumulated in fp32, float64 for float64 values).
+    """
+    _check_inputs(indices, weights, values)
+    name = resolve_backend("embedding_bag", backend, values.device, BACKENDS)
+    if name == "reference":
+        return embedding_bag_reference(indices, weights, values)
+    M, n = math.prod(indices.shape[:-1]), indices.shape[-1]  # bags, rows per bag (either may be 0)
+    out = EmbeddingBagFunction.apply(indices.reshape(M, n).long(), weights.reshape(M, n), values, sparse_grad)
+    return out.reshape(*indices.shape[:-1], values.shape[1])
