@@ -3,6 +3,7 @@
 from ipl_layers.ops.delta_rule import delta_rule, delta_rule_reference
 from ipl_layers.ops.embedding_bag import embedding_bag, embedding_bag_reference
 from ipl_layers.ops.linear_attention import linear_attention, linear_attention_reference
+from ipl_layers.ops.product_key import product_key_memory, product_key_topk, product_key_topk_reference
 from ipl_layers.ops.short_conv import short_conv, short_conv_reference
 from ipl_layers.ops.titans_memory import titans_memory, titans_memory_reference
 from ipl_layers.ops.ttt_linear import ttt_linear, ttt_linear_reference
@@ -15,6 +16,9 @@ __all__ = [
     "embedding_bag_reference",
     "linear_attention",
     "linear_attention_reference",
+    "product_key_memory",
+    "product_key_topk",
+    "product_key_topk_reference",
     "short_conv",
     "short_conv_reference",
     "titans_memory",
