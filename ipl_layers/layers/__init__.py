@@ -3,6 +3,7 @@
 from ipl_layers.layers.conv import ShortConvolution
 from ipl_layers.layers.delta_rule import DeltaNet, GatedDeltaNet
 from ipl_layers.layers.linear_attention import GatedLinearAttention, LinearAttention
+from ipl_layers.layers.memory import MemoryPlus, ProductKeyMemory, memory_parameter_groups
 from ipl_layers.layers.norm import GatedRMSNorm, RMSNorm
 from ipl_layers.layers.titans import TitansMemory
 from ipl_layers.layers.ttt_linear import TTTMLP, TTTLinear
@@ -13,9 +14,12 @@ __all__ = [
     "GatedLinearAttention",
     "GatedRMSNorm",
     "LinearAttention",
+    "MemoryPlus",
+    "ProductKeyMemory",
     "RMSNorm",
     "ShortConvolution",
     "TTTLinear",
     "TitansMemory",
     "TTTMLP",
+    "memory_parameter_groups",
 ]
