@@ -32,9 +32,9 @@ class Impl:
     load: Callable[[str, int], Callable]  # (our backend, chunk) -> fn(**inputs) -> o; ImportError if missing
     layout: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None  # untimed
     note: str = ""
-    # (speed-up, peak ratio): ours fwd+bwd at the target length at least this much faster than this
+    # (speed-up, peak ratio or None): ours fwd+bwd at the target length at least this much faster than this
     # implementation, with at most this fraction of its peak memory (its peak is then always profiled)
-    goal: Optional[Tuple[float, float]] = None
+    goal: Optional[Tuple[float, Optional[float]]] = None
 
 
 @dataclass(frozen=True)
@@ -296,20 +296,25 @@ def _titans_inputs(s: Shape, gen: torch.Generator) -> Dict[str, torch.Tensor]:
     return {"x": torch.randn(s.B, s.T, s.H, s.K, generator=gen)}  # hidden states, [B, T, H * K] once flattened
 
 
-def _titans_layer(build: Callable[[int, int, int], torch.nn.Module]) -> Callable[[str, int], Callable]:
-    """fn(x [B, T, H, K]) -> the layer's output on x.flatten(-2); one layer per (H, K), built (seeded, untimed
-    after the first call) from the head count and head dim the inputs carry."""
+def _hidden_layer(build: Callable[[int, int, int, str], torch.nn.Module], returns_tuple: bool = True
+                  ) -> Callable[[str, int], Callable]:
+    """fn(x [B, T, H, K]) -> the layer's output on x.flatten(-2) (the first element of a tuple output); one layer
+    per (H, K), built (seeded, untimed after the first call) from the head count and head dim of the inputs."""
 
     def loader(backend: str, chunk: int) -> Callable:
         layers: Dict[Tuple[int, int], torch.nn.Module] = {}
+        last = []
 
-        def fn(x):
+        def fn(x):  # fn.parameters(): the last-called layer's parameters, differentiated in fwd+bwd as inputs are
             H, K = x.shape[-2:]
+            last[:] = [(H, K)]
             if (H, K) not in layers:
                 torch.manual_seed(0)
                 layers[(H, K)] = build(H, K, chunk, backend)
-            return layers[(H, K)](x.flatten(-2))[0]
+            out = layers[(H, K)](x.flatten(-2))
+            return out[0] if returns_tuple else out
 
+        fn.parameters = lambda: list(layers[last[0]].parameters())
         return fn
 
     return loader
@@ -331,16 +336,72 @@ def _titans_pytorch(H: int, K: int, chunk: int, backend: str) -> torch.nn.Module
 TITANS_CASES = (
     OpCase(
         "titans:layer", _titans_inputs,
-        (Impl("ours TitansMemory layer (depth 2, F = 4K)", OURS, _titans_layer(_ours_titans),
+        (Impl("ours TitansMemory layer (depth 2, F = 4K)", OURS, _hidden_layer(_ours_titans),
               note="projections, short convs, gates, the memory (gradients at chunk starts, token-level momentum "
                    "and forgetting), RMSNorm, o_proj"),
-         Impl("titans-pytorch NeuralMemory", BASELINE, _titans_layer(_titans_pytorch), goal=(5.0, 0.5),
+         Impl("titans-pytorch NeuralMemory", BASELINE, _hidden_layer(_titans_pytorch), goal=(5.0, 0.5),
               note="same chunk size and memory depth/width; other math: one gradient per chunk (vmap over "
                    "chunks), lr/momentum/decay per chunk, retrieval from the weights before the chunk")),
     ),
 )
 
-CASES = CASES + DELTA_RULE_CASES + TTT_LINEAR_CASES + TTT_MLP_CASES + TITANS_CASES
+
+
+# ---- memory: product-key memory layers (hidden = H * K, 4 heads, N = n^2 value rows, k = 32 per head) ----
+
+def _pkm_ours(num_keys: int, sparse_grad: bool = False) -> Callable[[int, int, int, str], torch.nn.Module]:
+    def build(H: int, K: int, chunk: int, backend: str) -> torch.nn.Module:
+        from ipl_layers.layers import ProductKeyMemory
+
+        return ProductKeyMemory(H * K, num_heads=4, num_keys=num_keys, topk=32, key_dim=256,
+                                sparse_grad=sparse_grad, backend=backend)
+
+    return build
+
+
+class _TorchBagPKM(torch.nn.Module):
+    """Our layer with its bag read by torch's `F.embedding_bag` (torch's own backward): the same math."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        from ipl_layers.ops import product_key_topk
+
+        m = self.layer
+        scores, slots = product_key_topk(m._query(x), m.keys, m.topk)  # [B, T, H, k]
+        n = m.num_heads * m.topk
+        out = F.embedding_bag(slots.reshape(-1, n), m.values, per_sample_weights=torch.softmax(scores, -1).reshape(-1, n),
+                              mode="sum", sparse=m.sparse_grad)
+        return out.reshape(*x.shape[:-1], -1)
+
+
+def _pkm_peer(H: int, K: int, chunk: int, backend: str) -> torch.nn.Module:
+    from product_key_memory import PKM
+
+    return PKM(H * K, heads=4, num_keys=256, topk=32, dim_head=128)  # queries 2 x 128 per head, as ours
+
+
+MEMORY_CASES = (
+    OpCase(
+        "memory:pkm", _titans_inputs,
+        (Impl("ours ProductKeyMemory (N = 256^2, k = 32, 4 heads, sparse value gradient)", OURS,
+              _hidden_layer(_pkm_ours(256, sparse_grad=True), False)),
+         Impl("torch F.embedding_bag read", SAME_MATH,
+              _hidden_layer(lambda *a: _TorchBagPKM(_pkm_ours(256, sparse_grad=True)(*a)), False),
+              note="our layer and search, torch's embedding_bag (its sparse backward) for the read"),
+         Impl("product-key-memory PKM", BASELINE, _hidden_layer(_pkm_peer, False), goal=(2.0, None),
+              note="lucidrains' PKM with the same heads, keys, k and query dims; dense value gradient")),
+    ),
+    OpCase(
+        "memory:pkm_1M", _titans_inputs,
+        (Impl("ours ProductKeyMemory (N = 1024^2, k = 32, 4 heads, sparse value gradient)", OURS,
+              _hidden_layer(_pkm_ours(1024, sparse_grad=True), False)),),
+    ),
+)
+
+CASES = CASES + DELTA_RULE_CASES + TTT_LINEAR_CASES + TTT_MLP_CASES + TITANS_CASES + MEMORY_CASES
 
 
 def select(names) -> Tuple[OpCase, ...]:

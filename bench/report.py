@@ -50,8 +50,9 @@ def targets(cases, rows, matmul_rate):
                 out.append((f"{case.name}: ours fwd+bwd at T={TARGET_T} >= {speed:g}x faster than {impl.label}",
                             None if speedup is None else f"{speedup:.2f}x",
                             None if speedup is None else speedup >= speed))
-                out.append((f"{case.name}: ours fwd+bwd peak at T={TARGET_T} <= {memory:g} x {impl.label}'s",
-                            None if ratio is None else f"{ratio:.2f}x", None if ratio is None else ratio <= memory))
+                if memory is not None:
+                    out.append((f"{case.name}: ours fwd+bwd peak at T={TARGET_T} <= {memory:g} x {impl.label}'s",
+                                None if ratio is None else f"{ratio:.2f}x", None if ratio is None else ratio <= memory))
         if case.within is not None:
             other_name, limit = case.within
             ours = at_target(case, case.impls[0], "fwd+bwd")

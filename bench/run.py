@@ -95,14 +95,16 @@ def _with_peak(fn, timing, always):
 
 def measure(fn, impl, inputs, min_run_time, always_profile=False):
     """{pass: (median seconds, IQR seconds, timed calls, peak bytes or None)}: the forward, then forward+backward
-    with the gradients of every input."""
+    with the gradients of every input (and of a layer's parameters)."""
     args = prepared(impl, inputs, False)
     forward = lambda: fn(**args)  # noqa: E731
     result = {"fwd": _with_peak(forward, median_seconds(forward, min_run_time), always_profile)}
     o = forward()
     args = prepared(impl, inputs, True)
-    leaves, do = list(args.values()), torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
-    step = lambda: torch.autograd.grad(fn(**args), leaves, do)  # noqa: E731
+    # layers: their parameters' gradients too (a training step computes them)
+    params = fn.parameters() if hasattr(fn, "parameters") else []
+    leaves, do = list(args.values()) + params, torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
+    step = lambda: torch.autograd.grad(fn(**args), leaves, do, allow_unused=True)  # noqa: E731  (unused options)
     result["fwd+bwd"] = _with_peak(step, median_seconds(step, min_run_time), always_profile)
     return result
 
