@@ -11,7 +11,8 @@ $(PY):
 	python3 -m venv .venv
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(PY) setup.py
+# reinstalled (and ipl_layers._C rebuilt) when setup.py or a C++ source of the extension changes
+$(STAMP): $(PY) setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/common/*.h)
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet setuptools wheel ninja
 	$(PIP) install --quiet --no-build-isolation -e ".[test,bench]"

@@ -49,3 +49,15 @@ def linear_attention_step(
     ext = _require()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return ext.linear_attention_step(q, k, v, g, state, scale)
+
+
+def embedding_bag_forward(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The weighted bag on CPU (csrc/common/embedding_bag.h): indices [M, n] int64, weights [M, n], values
+    [N, D] -> out [M, D] fp32."""
+    return _require().embedding_bag_forward(indices, weights, values)
+
+
+def embedding_bag_backward(indices, weights, values, dout, order, offsets) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Its backward on CPU from the reverse index (order [M * n], offsets [U]): (dweights [M, n] fp32, drows
+    [U, D] fp32, the gradients of the touched rows in ascending row order)."""
+    return _require().embedding_bag_backward(indices, weights, values, dout, order, offsets)

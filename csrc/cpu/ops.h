@@ -15,4 +15,14 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_step(const at::Tensor& q, co
                                                          const at::Tensor& v, const std::optional<at::Tensor>& g,
                                                          const at::Tensor& state, double scale);
 
+// The weighted embedding bag (csrc/common/embedding_bag.h): indices [M, n] int64, weights [M, n], values [N, D].
+// Returns out [M, D] fp32.
+at::Tensor embedding_bag_forward(const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& values);
+
+// Its backward from dout [M, D] and the reverse index (order [M * n] the flat entries sorted by row, offsets [U]
+// where each touched row's run starts): (dweights [M, n] fp32, drows [U, D] fp32, the touched rows' gradients).
+std::tuple<at::Tensor, at::Tensor> embedding_bag_backward(const at::Tensor& indices, const at::Tensor& weights,
+                                                          const at::Tensor& values, const at::Tensor& dout,
+                                                          const at::Tensor& order, const at::Tensor& offsets);
+
 }  // namespace ipl

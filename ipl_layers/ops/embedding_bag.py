@@ -18,10 +18,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ipl_layers import _ext
 from ipl_layers._checks import FLOAT_DTYPES, _fmt
 from ipl_layers.backend import resolve_backend
 
-BACKENDS = ("reference", "torch")
+BACKENDS = ("reference", "torch", "cpp")
 GATHER_BLOCK = 1 << 22  # elements of gathered rows at once in the weights' gradient ([bags, n, D] in blocks)
 
 
@@ -80,16 +81,18 @@ def reverse_index(idx: torch.Tensor, n: int):
 
 class EmbeddingBagFunction(torch.autograd.Function):
     """The torch path: `F.embedding_bag` (sum with per-sample weights) forward; the backward described in the
-    module docstring."""
+    module docstring. With `cpp`, the C++ extension's loops (csrc/cpu/embedding_bag.cpp, fp32) run both."""
 
     @staticmethod
-    def forward(ctx, idx, w, values, sparse_grad):
+    def forward(ctx, idx, w, values, sparse_grad, cpp):
         # idx [M, n] int64, w [M, n] in the compute dtype, values [N, D]
         ctx.save_for_backward(idx, w, values)
-        ctx.sparse_grad = sparse_grad
+        ctx.sparse_grad, ctx.cpp = sparse_grad, cpp
         acc = torch.float64 if values.dtype == torch.float64 else torch.float32
         if idx.shape[1] == 0:
             return values.new_zeros(idx.shape[0], values.shape[1])
+        if cpp:
+            return _ext.embedding_bag_forward(idx, w, values).to(values.dtype)
         if values.dtype == acc:
             out = F.embedding_bag(idx, values, per_sample_weights=w.to(acc), mode="sum")
         else:  # low precision: convert only the rows touched, never the whole table
@@ -105,6 +108,10 @@ class EmbeddingBagFunction(torch.autograd.Function):
         acc = torch.float64 if values.dtype == torch.float64 else torch.float32
         dout = dout.to(acc)
         dw = dvalues = None
+        if ctx.cpp and n:  # both gradients from the C++ loops, over the same reverse index
+            rows, order, offsets = reverse_index(idx.reshape(-1), n)
+            dw, per_row = _ext.embedding_bag_backward(idx, w, values, dout, order, offsets)
+            return None, dw.to(w.dtype), _table_grad(rows, per_row.to(values.dtype), N, D, ctx.sparse_grad), None, None
         if ctx.needs_input_grad[1]:
             dw = w.new_empty(M, n, dtype=acc)
             block = max(1, GATHER_BLOCK // max(1, n * D))  # bags per block: [block, n, D] gathered at a time
@@ -117,13 +124,16 @@ class EmbeddingBagFunction(torch.autograd.Function):
             # each touched row sums w * dout of its (bag, slot) entries, in the stable order: a bag over dout
             per_row = (F.embedding_bag(order // n, dout, offsets, per_sample_weights=w.reshape(-1)[order].to(acc),
                                        mode="sum") if rows.numel() else dout.new_zeros(0, D)).to(values.dtype)
-            if ctx.sparse_grad:
-                # rows come sorted and distinct from the reverse index: coalesced by construction
-                dvalues = torch.sparse_coo_tensor(rows[None], per_row, (N, D), is_coalesced=True,
-                                                  check_invariants=False)
-            else:
-                dvalues = values.new_zeros(N, D).index_copy_(0, rows, per_row)  # distinct rows: no accumulation
-        return None, dw, dvalues, None
+            dvalues = _table_grad(rows, per_row, N, D, ctx.sparse_grad)
+        return None, dw, dvalues, None, None
+
+
+def _table_grad(rows: torch.Tensor, per_row: torch.Tensor, N: int, D: int, sparse: bool) -> torch.Tensor:
+    """The touched rows' gradients [U, D] (rows ascending, distinct) as the table's [N, D] gradient: sparse COO
+    (coalesced by construction) or dense (written once per row: no accumulation)."""
+    if sparse:
+        return torch.sparse_coo_tensor(rows[None], per_row, (N, D), is_coalesced=True, check_invariants=False)
+    return per_row.new_zeros(N, D).index_copy_(0, rows, per_row)
 
 
 def embedding_bag(
@@ -143,8 +153,9 @@ def embedding_bag(
         sparse_grad: give `values` a sparse COO gradient holding only the rows touched (coalesced), as
             `nn.Embedding(sparse=True)` does: for tables too large for a dense gradient (use an optimizer that
             takes sparse gradients, e.g. `torch.optim.SparseAdam`).
-        backend: "torch" (CPU path) or "reference". Default: `IPL_BACKEND`, else "torch" on CPU; CUDA tensors
-            need an explicit backend until the Triton kernels exist.
+        backend: "torch" (CPU path), "cpp" (the C++ extension's OpenMP loops; CPU, computes in fp32) or
+            "reference". Default: `IPL_BACKEND`, else "torch" on CPU; CUDA tensors need an explicit backend until
+            the Triton kernels exist.
 
     Returns:
         [*, D] in the dtype of values (accumulated in fp32, float64 for float64 values).
@@ -153,6 +164,12 @@ def embedding_bag(
     name = resolve_backend("embedding_bag", backend, values.device, BACKENDS)
     if name == "reference":
         return embedding_bag_reference(indices, weights, values)
+    if name == "cpp":
+        if values.device.type != "cpu":
+            raise ValueError(f"embedding_bag: backend 'cpp' runs on CPU tensors, got device {values.device}")
+        if torch.float64 in (values.dtype, weights.dtype):
+            raise ValueError("embedding_bag: backend 'cpp' computes in fp32; use backend='torch' for float64")
     M, n = math.prod(indices.shape[:-1]), indices.shape[-1]  # bags, rows per bag (either may be 0)
-    out = EmbeddingBagFunction.apply(indices.reshape(M, n).long(), weights.reshape(M, n), values, sparse_grad)
+    out = EmbeddingBagFunction.apply(indices.reshape(M, n).long(), weights.reshape(M, n), values, sparse_grad,
+                                     name == "cpp")
     return out.reshape(*indices.shape[:-1], values.shape[1])

@@ -131,3 +131,32 @@ def test_bad_inputs(args, match):
     indices = torch.randint(0, 10, (2, 3))
     with pytest.raises((ValueError, TypeError), match=match):
         embedding_bag(*args(indices, torch.rand(2, 3), torch.randn(10, 4)), backend="torch")
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_cpp_backend_matches_reference(sparse_grad):
+    inputs = make_inputs((5, 9), 12, 40, 20, torch.float32)
+    check(run(embedding_bag, *inputs, sparse_grad=sparse_grad, backend="cpp"), reference(*inputs), BOUND_F32)
+
+
+def test_cpp_backend_is_deterministic_across_thread_counts():
+    inputs = make_inputs((300,), 16, 9, 33, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(embedding_bag, *inputs, backend="cpp")
+        torch.set_num_threads(2)
+        two = run(embedding_bag, *inputs, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(x, y) for x, y in zip(one, two))
+
+
+def test_cpp_backend_low_precision_and_float64_error():
+    indices, weights, values = make_inputs((3, 9), 6, 30, 16, torch.bfloat16)
+    got, ref = run(embedding_bag, indices, weights, values, backend="cpp"), reference(indices, weights, values)
+    for name, x, y in zip(("out", "dweights", "dvalues"), got, ref):
+        assert x.dtype == torch.bfloat16
+        assert_rel_rms(name, x, y, 2 * rel_rms(y.to(torch.bfloat16), y))
+    with pytest.raises(ValueError, match=r"backend 'cpp' computes in fp32; use backend='torch' for float64"):
+        embedding_bag(*make_inputs((2,), 3, 5, 4, torch.float64), backend="cpp")
