@@ -4,7 +4,8 @@
 lands at the top of site-packages. The C++ CPU extension `ipl_layers._C` is built from `csrc/cpu` when a
 C++ compiler and torch are present; without them the package installs pure-Python and every op falls
 back to its torch path. Install with `pip install --no-build-isolation -e .` after torch is installed,
-so pip does not fetch a torch of its own into an isolated build environment.
+so pip does not fetch a torch of its own into an isolated build environment. An editable install does not
+rebuild the extension when its sources change: `python setup.py build_ext --inplace` does (the Makefile runs it).
 """
 
 import glob

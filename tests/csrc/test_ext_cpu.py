@@ -38,7 +38,7 @@ def step_reference(q, k, v, g, state, scale):
 
 def test_extension_is_built():
     assert _ext.available(), (
-        f"ipl_layers._C was not built ({_ext._IMPORT_ERROR}); run `pip install --no-build-isolation -e .`"
+        f"ipl_layers._C was not built ({_ext._IMPORT_ERROR}); run `python setup.py build_ext --inplace`"
     )
 
 
