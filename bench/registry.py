@@ -372,8 +372,9 @@ class _TorchBagPKM(torch.nn.Module):
         m = self.layer
         scores, slots = product_key_topk(m._query(x), m.keys, m.topk)  # [B, T, H, k]
         n = m.num_heads * m.topk
-        out = F.embedding_bag(slots.reshape(-1, n), m.values, per_sample_weights=torch.softmax(scores, -1).reshape(-1, n),
-                              mode="sum", sparse=m.sparse_grad)
+        weights = torch.softmax(scores, -1).reshape(-1, n)
+        out = F.embedding_bag(slots.reshape(-1, n), m.values, per_sample_weights=weights, mode="sum",
+                              sparse=m.sparse_grad)
         return out.reshape(*x.shape[:-1], -1)
 
 

@@ -25,8 +25,8 @@ def _require():
     if _C is None:
         raise RuntimeError(
             "ipl_layers._C (the C++ extension) was not built or does not load "
-            f"({_IMPORT_ERROR}); build it with `python setup.py build_ext --inplace` (or `make test`) on a machine with a "
-            "C++ compiler (unset IPL_NO_EXT)"
+            f"({_IMPORT_ERROR}); build it with `python setup.py build_ext --inplace` (or `make test`) on a machine "
+            "with a C++ compiler"
         )
     return _C
 

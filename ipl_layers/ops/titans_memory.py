@@ -25,7 +25,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ipl_layers._checks import check_cu_seqlens, check_positive_int, check_qkv, check_shape, check_tensor, sequence_spans
+from ipl_layers._checks import (check_cu_seqlens, check_positive_int, check_qkv, check_shape, check_tensor,
+                                 sequence_spans)
 from ipl_layers.backend import resolve_backend
 from ipl_layers.ops import titans_chunk as chunk
 from ipl_layers.ops.chunking import pad_sequences
@@ -56,7 +57,8 @@ def as_state(initial_state, N: int, H: int, K: int, V: int, like: torch.Tensor) 
     boundary = len(initial_state) % 3 != 1 or initial_state[-1].is_floating_point()
     if not boundary and len(initial_state) < 4:
         raise TypeError("initial_state: expected a TitansState or a tuple of the memory's floating weight "
-                        f"matrices [N, H, d_in, d_out], got {len(initial_state)} tensors ending in {initial_state[-1].dtype}")
+                        f"matrices [N, H, d_in, d_out], got {len(initial_state)} tensors ending in "
+                        f"{initial_state[-1].dtype}")
     L = len(initial_state) if boundary else (len(initial_state) - 1) // 3
     matrices = initial_state if boundary else initial_state[:-1]
     F_ = matrices[0].shape[-1] if L > 1 else K

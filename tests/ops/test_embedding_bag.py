@@ -119,7 +119,8 @@ def test_int32_indices_and_reference_backend():
     [
         (lambda i, w, v: (i, w, v[0]), r"values: expected 2-D \[N, D\], got 1-D"),
         (lambda i, w, v: (i.float(), w, v), r"indices: expected dtype int32 or int64, got torch.float32"),
-        (lambda i, w, v: (i, w[..., :2], v), r"weights: expected the shape of indices \[\*, n\] = \[2, 3\], got \[2, 2\]"),
+        (lambda i, w, v: (i, w[..., :2], v),
+         r"weights: expected the shape of indices \[\*, n\] = \[2, 3\], got \[2, 2\]"),
         (lambda i, w, v: (i + 10, w, v), r"indices: expected values in \[0, N = 10\), got min 10"),
         (lambda i, w, v: (i - 5, w, v), r"indices: expected values in \[0, N = 10\), got min -5"),
         (lambda i, w, v: (i, w.long(), v), r"weights: expected a floating dtype"),

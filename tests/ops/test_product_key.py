@@ -77,7 +77,8 @@ def test_huge_table_with_sparse_gradient_never_densifies():
     "args,match",
     [
         (lambda q, c, v: (q[..., :7], c, v, 2), r"query: the key dim Dk is split into two halves, so it must be even"),
-        (lambda q, c, v: (q, c[:1], v, 2), r"keys: expected shape \[H, 2, n, Dk / 2\] = \[2, 2, 4, 4\], got \[1, 2, 4, 4\]"),
+        (lambda q, c, v: (q, c[:1], v, 2),
+         r"keys: expected shape \[H, 2, n, Dk / 2\] = \[2, 2, 4, 4\], got \[1, 2, 4, 4\]"),
         (lambda q, c, v: (q, c, v, 5), r"topk: expected at most the number of sub-keys per half n = 4, got 5"),
         (lambda q, c, v: (q, c, v, 0), r"topk: expected a positive int, got 0"),
         (lambda q, c, v: (q, c, v[:15], 2), r"values: expected N = n\^2 = 16 rows \(n = 4 sub-keys per half\), got 15"),
