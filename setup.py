@@ -55,6 +55,23 @@ def cpu_extension():
     return ext, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
+def preload_installed_kernels():
+    """transformers depends on Hugging Face's `kernels`, which registers an egg_info writer that setuptools
+    imports by module name (`kernels._internals...`) while this project's root, holding our own `kernels/`
+    folder, is first on sys.path: a second `pip install -e .` then fails with "No module named
+    'kernels._internals'". Importing the installed one first, with the root out of sys.path, caches it."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    saved = list(sys.path)
+    sys.path = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
+    try:
+        import kernels._internals.locking  # noqa: F401
+    except ImportError:  # not installed (yet): nothing to shadow
+        pass
+    finally:
+        sys.path = saved
+
+
+preload_installed_kernels()
 ext, cmdclass = cpu_extension()
 
 setup(

@@ -68,3 +68,39 @@ def assert_gradients_match(layer, ref, lengths, T, hidden, bound):
     for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient"
         assert_rel_rms(f"d{name}", p.grad, p_ref.grad, bound)
+
+
+def assert_padding_mask_equals_varlen_equals_per_sample(layer, lengths, hidden, dtype, bound, state_type):
+    """`layer` (torch path, `dtype`) on a left-padded batch and on the same sequences packed with cu_seqlens,
+    against each sample alone through its float64 reference-backend copy: outputs and cache states."""
+    T = max(lengths)
+    x, mask = left_padded(lengths, T, dtype, hidden)
+    o_ref, caches_ref = per_sample(with_backend(layer, "reference", torch.float64), x, lengths)
+    o_mask, _, cache_mask = layer(x, attention_mask=mask, use_cache=True)
+    assert_rel_rms("padding mask", o_mask, o_ref, bound)
+    assert_states("padding mask", cache_mask, caches_ref, bound)
+    assert isinstance(cache_mask[0]["recurrent_state"], state_type)
+    packed = torch.cat([x[b, T - n :] for b, n in enumerate(lengths)])[None]
+    cu_seqlens = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    o_var, _, cache_var = layer(packed, cu_seqlens=cu_seqlens, use_cache=True)
+    assert_rel_rms("cu_seqlens", o_var[0], o_ref[mask.bool()], bound)
+    assert_states("cu_seqlens", cache_var, caches_ref, bound)
+
+
+def assert_prefill_decode_survives_reload(layer, hidden, path, bound, prompt=6, steps=4):
+    """A left-padded float64 prompt with use_cache, the cache saved and loaded back, then one token at a time:
+    equals each sample's full forward through the reference backend (outputs and final states)."""
+    from ipl_layers.state import FastWeightCache
+
+    lengths = [prompt + steps, 3 + steps]
+    x, mask = left_padded(lengths, prompt + steps, torch.float64, hidden)
+    o_full, caches_ref = per_sample(with_backend(layer, "reference", torch.float64), x, lengths)
+    o, _, cache = layer(x[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
+    cache.save(str(path))
+    cache = FastWeightCache().load(str(path))
+    outs = [o]
+    for t in range(prompt, prompt + steps):
+        o, _, cache = layer(x[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+        outs.append(o)
+    assert_rel_rms("prefill + decode", torch.cat(outs, 1), o_full, bound)
+    assert_states("prefill + decode", cache, caches_ref, bound)

@@ -12,11 +12,7 @@
 
 #include <stdint.h>
 
-#ifdef __CUDACC__
-#define IPL_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define IPL_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
 
 namespace ipl {
 

@@ -12,12 +12,7 @@
 
 #include <math.h>
 
-// nvcc compiles these for host and device; g++ sees plain inline functions.
-#ifdef __CUDACC__
-#define IPL_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define IPL_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
 
 namespace ipl {
 

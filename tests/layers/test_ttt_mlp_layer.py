@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_rel_rms
-from layer_checks import assert_gradients_match, assert_states, left_padded, per_sample, with_backend
+from layer_checks import (assert_gradients_match, assert_padding_mask_equals_varlen_equals_per_sample,
+                          assert_prefill_decode_survives_reload, with_backend)
 
 from ipl_layers.layers import TTTMLP
 from ipl_layers.ops import ttt_mlp_reference
-from ipl_layers.state import FastWeightCache, TTTMLPState
+from ipl_layers.state import TTTMLPState
 
 # float32 torch path vs the float64 reference: measured <= 1.2e-6 on outputs, states and gradients here
 # (dlr_proj.bias the worst); the bound leaves ~40x headroom.
@@ -35,35 +36,12 @@ def make_layer() -> TTTMLP:
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, FP32_BOUND), (torch.float64, FP64_BOUND)])
 def test_padding_mask_equals_varlen_equals_per_sample(dtype, bound):
     layer = with_backend(make_layer(), "torch", dtype)
-    T = max(LENGTHS)
-    x, mask = left_padded(LENGTHS, T, dtype, HIDDEN)
-    o_ref, caches_ref = per_sample(with_backend(layer, "reference", torch.float64), x, LENGTHS)
-    o_mask, _, cache_mask = layer(x, attention_mask=mask, use_cache=True)
-    assert_rel_rms("padding mask", o_mask, o_ref, bound)
-    assert_states("padding mask", cache_mask, caches_ref, bound)
-    assert isinstance(cache_mask[0]["recurrent_state"], TTTMLPState)
-    packed = torch.cat([x[b, T - n :] for b, n in enumerate(LENGTHS)])[None]
-    cu_seqlens = F.pad(torch.tensor(LENGTHS).cumsum(0), (1, 0)).to(torch.int32)
-    o_var, _, cache_var = layer(packed, cu_seqlens=cu_seqlens, use_cache=True)
-    assert_rel_rms("cu_seqlens", o_var[0], o_ref[mask.bool()], bound)
-    assert_states("cu_seqlens", cache_var, caches_ref, bound)
+    assert_padding_mask_equals_varlen_equals_per_sample(layer, LENGTHS, HIDDEN, dtype, bound, TTTMLPState)
 
 
 def test_prefill_then_decode_equals_full_forward_and_survives_a_reload(tmp_path):
     layer = with_backend(make_layer(), "torch", torch.float64)
-    prompt, steps = 6, 4
-    lengths = [prompt + steps, 3 + steps]
-    x, mask = left_padded(lengths, prompt + steps, torch.float64, HIDDEN)
-    o_full, caches_ref = per_sample(with_backend(layer, "reference", torch.float64), x, lengths)
-    o, _, cache = layer(x[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True)
-    cache.save(str(tmp_path / "mlp.safetensors"))
-    cache = FastWeightCache().load(str(tmp_path / "mlp.safetensors"))
-    outs = [o]
-    for t in range(prompt, prompt + steps):
-        o, _, cache = layer(x[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
-        outs.append(o)
-    assert_rel_rms("prefill + decode", torch.cat(outs, 1), o_full, FP64_BOUND)
-    assert_states("prefill + decode", cache, caches_ref, FP64_BOUND)
+    assert_prefill_decode_survives_reload(layer, HIDDEN, tmp_path / "state.safetensors", FP64_BOUND)
 
 
 def test_gradients_reach_every_parameter_and_match_reference():
