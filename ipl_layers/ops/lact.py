@@ -227,14 +227,11 @@ def lact(
         return o[:, None].to(v.dtype), (LaCTState(*fields) if output_final_state else None)
     lengths = torch.diff(cu_seqlens.long()) if cu_seqlens is not None else state.position.new_full((N,), q.shape[1])
     ends = state.position + lengths.to(state.position.device)  # [N]: tokens each sequence's rows cover
-    # each sequence continues its open chunk: its buffered rows go in front, so chunks align with the grid
-    (qp, kp, vp, lrp, mp), unpad = pad_sequences([q, k, v, lr, momentum], cu_seqlens, C, front=state.position)
-    front = torch.arange(qp.shape[1], device=q.device)[None] < state.position[:, None]  # [N, Tp]
-    buffered = [None if x is None else torch.where(front.view(*front.shape, *[1] * (x.dim() - 2)),
-                                                   F.pad(b, (0, 0) * (b.dim() - 2) + (0, x.shape[1] - C)), x.to(b.dtype))
-                for x, b in zip((kp, vp, lrp, mp), state[9:13])]
-    o, final, opened = chunk.chunk_forward(qp, *buffered, state, ends, C, need_final=output_final_state, **flags)
-    if not output_final_state:
-        return unpad(o).to(v.dtype), None
-    opened = [state.momentum.new_zeros(state.momentum.shape) if x is None else x for x in opened]
-    return unpad(o).to(v.dtype), LaCTState(*final, *state[6:9], *opened, ends % C)
+    # each sequence continues its open chunk: as many empty rows in front as it buffers align its chunks to
+    # the grid, and `chunk_forward` fills them from the buffers
+    front = state.position if bool(state.position.any()) else None
+    (qp, kp, vp, lrp, mp), unpad = pad_sequences([q, k, v, lr, momentum], cu_seqlens, C, front=front)
+    o, final, opened = chunk.chunk_forward(qp, kp, vp, lrp, mp, state, ends, C, need_final=output_final_state,
+                                           **flags)
+    o = unpad(o).to(v.dtype)
+    return o, (LaCTState(*final, *state[6:9], *opened, ends % C) if output_final_state else None)

@@ -16,7 +16,7 @@ M <- beta M + g (beta: the chunk's mean momentum gate), u = NS5(M) with Muon, el
 renorm each column of W (the weights into one hidden or output unit) is rescaled to its initial norm.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +56,9 @@ def chunk_update(weights, moments, norms, X, Y, lr, beta, use_muon: bool, renorm
     D = Y @ W1.mT  # [P, C, F]
     DS = D * S
     DA = D * Z * (sig * (1 + A * (1 - sig)))
-    g1 = -((S * Z) * lr[..., 1:2]).mT @ Y  # [P, F, V]
-    g0 = -(X * lr[..., 0:1]).mT @ DA  # [P, K, F]
-    g2 = -(X * lr[..., 2:3]).mT @ DS  # [P, K, F]
+    g1 = -(((S * Z) * lr[..., 1:2]).mT @ Y)  # [P, F, V]
+    g0 = -((X * lr[..., 0:1]).mT @ DA)  # [P, K, F]
+    g2 = -((X * lr[..., 2:3]).mT @ DS)  # [P, K, F]
     grads = (g0, g1, g2)
     if beta is not None:
         grads = tuple(g + beta[:, None, None] * m for g, m in zip(grads, moments))
@@ -76,10 +76,10 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
 
 def chunk_forward(qp, kp, vp, lrp, mp, state, ends: torch.Tensor, C: int, use_muon: bool, renorm: bool,
                   need_final: bool):
-    """The padded sequences [N, Tp, H, *] (Tp a multiple of C; each sequence's open chunk already in its first
-    rows, see `lact.py`), `state` the LaCTState fields (weights, momentum buffers, norms) in the compute dtype,
-    `ends` [N] the tokens each padded row covers (open chunk + this call). Returns o [N, Tp, H, V], the final
-    weights and momentum buffers, and the open chunk's rows [N, C, H, *] of k, v, lr, momentum.
+    """The padded sequences [N, Tp, H, *] (Tp a multiple of C; mp None without momentum) and `state` (a
+    LaCTState in the compute dtype) whose open chunks' rows fill the first `state.position` rows of each sequence;
+    `ends` [N]: the rows each sequence covers (open chunk + this call). Returns o [N, Tp, H, V], the final weights
+    and momentum buffers, and (with `need_final`) the new open chunks' k, v, lr, momentum [N, C, H, *].
 
     Chunk j is applied with the weights after chunk j-1; it updates them only where it is complete (its end
     <= ends[n]): a sequence's last partial chunk stays open. Without `need_final`, the update after the last
@@ -89,13 +89,25 @@ def chunk_forward(qp, kp, vp, lrp, mp, state, ends: torch.Tensor, C: int, use_mu
     dtype = state[0].dtype
 
     def chunks(x):  # [N, Tp, H, *] -> [N * H, NC, C, *]
-        return None if x is None else _heads_first(x.to(dtype).unflatten(1, (NC, C)).movedim(3, 1))
+        return _heads_first(x.to(dtype).unflatten(1, (NC, C)).movedim(3, 1))
 
-    q, k, v, lr, mom = (chunks(x) for x in (qp, kp, vp, lrp, mp))
+    mom_buffer = state.momentum if mp is not None else None
+    q, k, v, lr, mom = (None if x is None else chunks(x) for x in (qp, kp, vp, lrp, mp))
+    buffered = state.position.repeat_interleave(H)  # [N * H]
+    if bool(buffered.any()):  # the open chunks' rows, in front of this call's tokens in chunk 0
+        front = (torch.arange(C, device=qp.device)[None] < buffered[:, None])  # [N * H, C]
+        firsts = []
+        for x, b in zip((k, v, lr, mom), (state.k, state.v, state.lr, mom_buffer)):
+            if x is not None:
+                b = _heads_first(b.movedim(2, 1))  # [N * H, C, *]
+                firsts.append(torch.where(front.view(*front.shape, *[1] * (b.dim() - 2)), b, x[:, 0]))
+            else:
+                firsts.append(None)
+    else:
+        firsts = [None if x is None else x[:, 0] for x in (k, v, lr, mom)]
     weights = tuple(_heads_first(w) for w in state[0:3])
     moments = tuple(_heads_first(m) for m in state[3:6])
     norms = tuple(_heads_first(n) for n in state[6:9])
-    betas = None if mp is None else mom.mean(-1)  # [N * H, NC]
     complete = ((torch.arange(1, NC + 1, device=ends.device) * C)[None] <= ends[:, None])  # [N, NC]
     complete = complete.repeat_interleave(H, 0)  # [N * H, NC]
     n_updates = NC if need_final else NC - 1
@@ -104,8 +116,9 @@ def chunk_forward(qp, kp, vp, lrp, mp, state, ends: torch.Tensor, C: int, use_mu
         outputs.append(swiglu(q[:, j], *weights))  # [N * H, C, V]
         if j >= n_updates or not bool(complete[:, j].any()):
             continue
-        beta = None if betas is None else betas[:, j]
-        new = chunk_update(weights, moments, norms, k[:, j], v[:, j], lr[:, j], beta, use_muon, renorm)
+        kj, vj, lrj, mj = firsts if j == 0 else (None if x is None else x[:, j] for x in (k, v, lr, mom))
+        beta = None if mj is None else mj.mean(-1)  # [N * H]: the chunk's mean momentum gate
+        new = chunk_update(weights, moments, norms, kj, vj, lrj, beta, use_muon, renorm)
         if bool(complete[:, j].all()):
             weights, moments = new
         else:  # sequences whose chunk j is partial (or padding) keep their weights
@@ -114,23 +127,26 @@ def chunk_forward(qp, kp, vp, lrp, mp, state, ends: torch.Tensor, C: int, use_mu
                                 for xs, ys in zip(new, (weights, moments)))
     o = torch.stack(outputs, 1).unflatten(0, (N, H)).movedim(1, 3).flatten(1, 2)  # [N, Tp, H, V]
     final = tuple(w.unflatten(0, (N, H)) for w in (*weights, *moments))
-    return o, final, open_chunk([kp, vp, lrp, mp], ends, C, dtype)
-
-
-def open_chunk(tensors, ends: torch.Tensor, C: int, dtype) -> Tuple[Optional[torch.Tensor], ...]:
-    """The rows of each sequence's last, partial chunk: [N, Tp, H, *] -> [N, C, H, *] (zeros where the chunk is
-    empty; None passes through). The padded rows past `ends` are zeros already."""
-    N = ends.shape[0]
-    index = ends // C  # [N]: the chunk holding the open rows (one past the last chunk when ends % C == 0)
-    out = []
-    for x in tensors:
+    if not need_final:
+        return o, final, None
+    opened = []
+    for x, first, b in zip((k, v, lr, mom), firsts, state[9:13]):
         if x is None:
-            out.append(None)
+            opened.append(torch.zeros_like(b))
             continue
-        padded = F.pad(x.to(dtype), (0, 0) * (x.dim() - 2) + (0, C))  # one more chunk of zeros
-        rows = index[:, None] * C + torch.arange(C, device=x.device)  # [N, C]
-        out.append(padded[torch.arange(N, device=x.device)[:, None], rows])  # [N, C, H, *]
-    return tuple(out)
+        x = torch.cat([first[:, None], x[:, 1:]], 1) if NC > 1 else first[:, None]  # [N * H, NC, C, *]
+        opened.append(open_chunk(x.unflatten(0, (N, H)), ends, C))
+    return o, final, tuple(opened)
+
+
+def open_chunk(x: torch.Tensor, ends: torch.Tensor, C: int) -> torch.Tensor:
+    """The rows of each sequence's last, partial chunk: [N, H, NC, C, *] -> [N, C, H, *], rows past `ends` zero
+    (all of them when ends % C == 0: the chunk after the last)."""
+    N, H, NC = x.shape[:3]
+    index = ends // C  # [N]
+    rows = x[torch.arange(N, device=x.device), :, index.clamp(max=NC - 1)]  # [N, H, C, *]
+    live = (torch.arange(C, device=x.device)[None] < (ends % C)[:, None])  # [N, C]
+    return torch.where(live.view(N, 1, C, *[1] * (x.dim() - 4)), rows, 0.0).movedim(1, 2)
 
 
 def decode_step(q, k, v, lr, mom, state, C: int, use_muon: bool, renorm: bool):
