@@ -2,6 +2,7 @@
 
 from ipl_layers.layers.conv import ShortConvolution
 from ipl_layers.layers.delta_rule import DeltaNet, GatedDeltaNet
+from ipl_layers.layers.lact import LaCT
 from ipl_layers.layers.linear_attention import GatedLinearAttention, LinearAttention
 from ipl_layers.layers.norm import GatedRMSNorm, RMSNorm
 from ipl_layers.layers.ttt_linear import TTTMLP, TTTLinear
@@ -11,6 +12,7 @@ __all__ = [
     "GatedDeltaNet",
     "GatedLinearAttention",
     "GatedRMSNorm",
+    "LaCT",
     "LinearAttention",
     "RMSNorm",
     "ShortConvolution",
