@@ -41,7 +41,95 @@ def newton_schulz(G: torch.Tensor, coefficients: Sequence[Tuple[float, float, fl
 
 def swiglu(x: torch.Tensor, W0: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
     """f(x) = (silu(x W0) * (x W2)) W1 on batched rows: x [P, R, K], W0/W2 [P, K, F], W1 [P, F, V] -> [P, R, V]."""
-    return (F.silu(x @ W0) * (x @ W2)) @ W1
+    return LaCTApplyFunction.apply(x, W0, W1, W2)
+
+
+# The two Functions below recompute their [P, C, F] activations in the backward instead of saving them, and run
+# their elementwise steps in place where they can: on CPU every fresh [P, C, F] temporary costs about as much
+# as a matmul of the chunk (the allocator hands back memory the kernel must fault in again).
+
+
+class LaCTApplyFunction(torch.autograd.Function):
+    """f(x) = (silu(x W0) * (x W2)) W1 with a backward that recomputes x W0 and x W2."""
+
+    @staticmethod
+    def forward(ctx, x, W0, W1, W2):
+        ctx.save_for_backward(x, W0, W1, W2)
+        h = F.silu(x @ W0).mul_(x @ W2)  # [P, R, F]
+        return h @ W1
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        x, W0, W1, W2 = ctx.saved_tensors
+        A, Z = x @ W0, x @ W2  # [P, R, F]
+        sig = torch.sigmoid(A)
+        S = A * sig
+        dH = do @ W1.mT  # [P, R, F]
+        dW1 = torch.mul(S, Z).mT @ do
+        dZ = S.mul_(dH)  # d(x W2) = dH * silu(A), in S's memory
+        dA = dH.mul_(Z)  # d silu(A) = dH * Z, then times silu'(A) = sig (1 + A - silu(A))
+        Z.copy_(A).mul_(sig).neg_().add_(A).add_(1).mul_(sig)
+        dA.mul_(Z)
+        dx = (dA @ W0.mT).baddbmm_(dZ, W2.mT)
+        return dx, x.mT @ dA, dW1, x.mT @ dZ
+
+
+class LaCTGradFunction(torch.autograd.Function):
+    """The chunk gradients (g0, g1, g2) of the module docstring from (W0, W1, W2, X, Y, lr), with a hand-written
+    backward that recomputes the activations from the inputs."""
+
+    @staticmethod
+    def forward(ctx, W0, W1, W2, X, Y, lr):
+        ctx.save_for_backward(W0, W1, W2, X, Y, lr)
+        lr0, lr1, lr2 = lr[..., 0:1], lr[..., 1:2], lr[..., 2:3]  # [P, C, 1]
+        A, Z = X @ W0, X @ W2  # [P, C, F]
+        sig = torch.sigmoid(A)
+        S = A * sig
+        D = Y @ W1.mT  # [P, C, F]
+        T = torch.mul(S, Z).mul_(lr1)
+        g1 = T.mT @ Y  # [P, F, V], negated below
+        Xs = X * lr2  # [P, C, K]
+        g2 = Xs.mT @ torch.mul(D, S, out=T)
+        S.neg_().add_(A).add_(1).mul_(sig)  # silu'(A) = sigmoid(A) (1 + A - silu(A)), in S's memory
+        E = D.mul_(Z).mul_(S)  # D Z silu'(A)
+        g0 = torch.mul(X, lr0, out=Xs).mT @ E
+        return g0.neg_(), g1.neg_(), g2.neg_()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, G0, G1, G2):
+        W0, W1, W2, X, Y, lr = ctx.saved_tensors
+        lr0, lr1, lr2 = lr[..., 0:1], lr[..., 1:2], lr[..., 2:3]  # [P, C, 1]
+        nG0, nG1, nG2 = -G0, -G1, -G2  # the forward's minus signs, on the small matrices
+        A, Z = X @ W0, X @ W2  # [P, C, F]
+        sig = torch.sigmoid(A)
+        S = A * sig
+        D = Y @ W1.mT
+        P = (1 + A - S).mul_(sig)  # silu'(A)
+        DZ = D * Z
+        # g0 = -(lr0 X)^T (D Z P), g2 = -(lr2 X)^T (D S), g1 = -(lr1 Hd)^T Y, each differentiated in its factors
+        T = torch.mul(DZ, P)
+        dX0 = T @ nG0.mT  # [P, C, K]: d(lr0 X)
+        dX2 = torch.mul(D, S, out=T) @ nG2.mT
+        Xs = X * lr0
+        dE = Xs @ nG0  # [P, C, F]: d(D Z P)
+        dR = torch.mul(X, lr2, out=Xs) @ nG2  # d(D S)
+        Hd = torch.mul(S, Z, out=T)
+        dHd = Y @ nG1.mT  # d(lr1 Hd), times lr1 below
+        dlr = torch.stack([(X * dX0).sum(-1), (Hd * dHd).sum(-1), (X * dX2).sum(-1)], -1)  # [P, C, 3]
+        dY = Hd.mul_(lr1) @ nG1  # [P, C, V]
+        dHd.mul_(lr1)
+        # through E = D Z P, R = D S, Hd = S Z, P = sig (1 + A - S), S = A sig, sig = sigmoid(A)
+        dP = torch.mul(dE, DZ, out=T)
+        dZ = torch.mul(dE, D).mul_(P).addcmul_(dHd, S)
+        dD = dE.mul_(Z).mul_(P).addcmul_(dR, S)
+        dS = dR.mul_(D).addcmul_(dHd, Z).addcmul_(dP, sig, value=-1)
+        dsig = torch.sub(A, S, out=D).add_(1).mul_(dP).addcmul_(dS, A)
+        dA = dP.add_(dS).mul_(sig).addcmul_(dsig, S.copy_(sig).neg_().add_(1).mul_(sig))
+        dY.baddbmm_(dD, W1)
+        dX = dX0.mul_(lr0).addcmul_(dX2, lr2).baddbmm_(dA, W0.mT).baddbmm_(dZ, W2.mT)
+        return X.mT @ dA, dD.mT @ Y, X.mT @ dZ, dX, dY, dlr
 
 
 def chunk_update(weights, moments, norms, X, Y, lr, beta, use_muon: bool, renorm: bool):
@@ -49,17 +137,7 @@ def chunk_update(weights, moments, norms, X, Y, lr, beta, use_muon: bool, renorm
     shapes), from keys X [P, C, K], values Y [P, C, V], learning rates lr [P, C, 3] and momentum gate beta [P]
     (None: no momentum). `norms` [P, F], [P, V], [P, F] are the column norms renorm restores. Returns the new
     weights and momentum buffers."""
-    W0, W1, W2 = weights
-    A, Z = X @ W0, X @ W2  # [P, C, F]
-    sig = torch.sigmoid(A)
-    S = A * sig
-    D = Y @ W1.mT  # [P, C, F]
-    DS = D * S
-    DA = D * Z * (sig * (1 + A * (1 - sig)))
-    g1 = -(((S * Z) * lr[..., 1:2]).mT @ Y)  # [P, F, V]
-    g0 = -((X * lr[..., 0:1]).mT @ DA)  # [P, K, F]
-    g2 = -((X * lr[..., 2:3]).mT @ DS)  # [P, K, F]
-    grads = (g0, g1, g2)
+    grads = LaCTGradFunction.apply(*weights, X, Y, lr)
     if beta is not None:
         grads = tuple(g + beta[:, None, None] * m for g, m in zip(grads, moments))
     steps = tuple(newton_schulz(g) for g in grads) if use_muon else grads
@@ -91,20 +169,20 @@ def chunk_forward(qp, kp, vp, lrp, mp, state, ends: torch.Tensor, C: int, use_mu
     def chunks(x):  # [N, Tp, H, *] -> [N * H, NC, C, *]
         return _heads_first(x.to(dtype).unflatten(1, (NC, C)).movedim(3, 1))
 
+    def unbind(x):  # -> a list of NC chunks [N * H, C, *]
+        return None if x is None else list(chunks(x).unbind(1))
+
     mom_buffer = state.momentum if mp is not None else None
-    q, k, v, lr, mom = (None if x is None else chunks(x) for x in (qp, kp, vp, lrp, mp))
+    # per-chunk views by unbind, whose backward stacks the chunks' gradients once (indexing chunk by chunk
+    # would zero-fill and accumulate a whole-sequence gradient per chunk)
+    q, k, v, lr, mom = (unbind(x) for x in (qp, kp, vp, lrp, mp))
     buffered = state.position.repeat_interleave(H)  # [N * H]
     if bool(buffered.any()):  # the open chunks' rows, in front of this call's tokens in chunk 0
         front = (torch.arange(C, device=qp.device)[None] < buffered[:, None])  # [N * H, C]
-        firsts = []
         for x, b in zip((k, v, lr, mom), (state.k, state.v, state.lr, mom_buffer)):
             if x is not None:
                 b = _heads_first(b.movedim(2, 1))  # [N * H, C, *]
-                firsts.append(torch.where(front.view(*front.shape, *[1] * (b.dim() - 2)), b, x[:, 0]))
-            else:
-                firsts.append(None)
-    else:
-        firsts = [None if x is None else x[:, 0] for x in (k, v, lr, mom)]
+                x[0] = torch.where(front.view(*front.shape, *[1] * (b.dim() - 2)), b, x[0])
     weights = tuple(_heads_first(w) for w in state[0:3])
     moments = tuple(_heads_first(m) for m in state[3:6])
     norms = tuple(_heads_first(n) for n in state[6:9])
@@ -113,10 +191,10 @@ def chunk_forward(qp, kp, vp, lrp, mp, state, ends: torch.Tensor, C: int, use_mu
     n_updates = NC if need_final else NC - 1
     outputs = []
     for j in range(NC):
-        outputs.append(swiglu(q[:, j], *weights))  # [N * H, C, V]
+        outputs.append(swiglu(q[j], *weights))  # [N * H, C, V]
         if j >= n_updates or not bool(complete[:, j].any()):
             continue
-        kj, vj, lrj, mj = firsts if j == 0 else (None if x is None else x[:, j] for x in (k, v, lr, mom))
+        kj, vj, lrj, mj = (None if x is None else x[j] for x in (k, v, lr, mom))
         beta = None if mj is None else mj.mean(-1)  # [N * H]: the chunk's mean momentum gate
         new = chunk_update(weights, moments, norms, kj, vj, lrj, beta, use_muon, renorm)
         if bool(complete[:, j].all()):
@@ -130,12 +208,8 @@ def chunk_forward(qp, kp, vp, lrp, mp, state, ends: torch.Tensor, C: int, use_mu
     if not need_final:
         return o, final, None
     opened = []
-    for x, first, b in zip((k, v, lr, mom), firsts, state[9:13]):
-        if x is None:
-            opened.append(torch.zeros_like(b))
-            continue
-        x = torch.cat([first[:, None], x[:, 1:]], 1) if NC > 1 else first[:, None]  # [N * H, NC, C, *]
-        opened.append(open_chunk(x.unflatten(0, (N, H)), ends, C))
+    for x, b in zip((k, v, lr, mom), state[9:13]):
+        opened.append(torch.zeros_like(b) if x is None else open_chunk(torch.stack(x, 1).unflatten(0, (N, H)), ends, C))
     return o, final, tuple(opened)
 
 
