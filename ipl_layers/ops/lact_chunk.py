@@ -1,8 +1,9 @@
 """The torch path of `lact`: every (sequence, head) pair batched, one chunk at a time, closed-form gradients.
 
 Per chunk the work is a handful of `[N*H, C, K] @ [N*H, K, F]`-shaped matmuls (C = chunk_size, thousands of
-rows), so the loop over chunks is short and matmul-bound; autograd differentiates it (it saves per chunk
-the weights and the `[C, F]` activations, a small fraction of the inputs at large C).
+rows), so the loop over chunks is short and matmul-bound. Each chunk's apply and gradient steps are autograd
+Functions with hand-written backwards; autograd composes them across chunks (saving per chunk the weights and
+three `[C, F]` pre-activations).
 
 With the weights in row-vector orientation (W0, W2 [K, F], W1 [F, V]; f(x) = (silu(x W0) * (x W2)) W1), the
 gradients of L = -sum_i lr_i <f(k_i), v_i> over a chunk with keys X [C, K] and values Y [C, V] are
@@ -44,68 +45,65 @@ def swiglu(x: torch.Tensor, W0: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor
     return LaCTApplyFunction.apply(x, W0, W1, W2)
 
 
-# The two Functions below recompute their [P, C, F] activations in the backward instead of saving them, and run
-# their elementwise steps in place where they can: on CPU every fresh [P, C, F] temporary costs about as much
-# as a matmul of the chunk (the allocator hands back memory the kernel must fault in again).
+# The two Functions below save their pre-activations (x W0, x W2, and v W1^T for the gradients: [P, C, F] each,
+# small beside the chunk's matmuls) and run their elementwise steps in place where they can: every fresh
+# [P, C, F] temporary costs a pass over memory the allocator may have to fault in again. The backward never
+# writes into saved tensors (it may run more than once).
 
 
 class LaCTApplyFunction(torch.autograd.Function):
-    """f(x) = (silu(x W0) * (x W2)) W1 with a backward that recomputes x W0 and x W2."""
+    """f(x) = (silu(x W0) * (x W2)) W1 with a hand-written backward."""
 
     @staticmethod
     def forward(ctx, x, W0, W1, W2):
-        ctx.save_for_backward(x, W0, W1, W2)
-        h = F.silu(x @ W0).mul_(x @ W2)  # [P, R, F]
-        return h @ W1
+        A, Z = x @ W0, x @ W2  # [P, R, F]
+        ctx.save_for_backward(x, W0, W1, W2, A, Z)
+        return (F.silu(A).mul_(Z)) @ W1
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        x, W0, W1, W2 = ctx.saved_tensors
-        A, Z = x @ W0, x @ W2  # [P, R, F]
+        x, W0, W1, W2, A, Z = ctx.saved_tensors
         sig = torch.sigmoid(A)
         S = A * sig
         dH = do @ W1.mT  # [P, R, F]
         dW1 = torch.mul(S, Z).mT @ do
+        dA = dH * Z  # d silu(A), times silu'(A) = sig (1 + A - silu(A)) below
         dZ = S.mul_(dH)  # d(x W2) = dH * silu(A), in S's memory
-        dA = dH.mul_(Z)  # d silu(A) = dH * Z, then times silu'(A) = sig (1 + A - silu(A))
-        Z.copy_(A).mul_(sig).neg_().add_(A).add_(1).mul_(sig)
-        dA.mul_(Z)
+        dA.mul_(dH.copy_(A).mul_(sig).neg_().add_(A).add_(1).mul_(sig))
         dx = (dA @ W0.mT).baddbmm_(dZ, W2.mT)
         return dx, x.mT @ dA, dW1, x.mT @ dZ
 
 
 class LaCTGradFunction(torch.autograd.Function):
     """The chunk gradients (g0, g1, g2) of the module docstring from (W0, W1, W2, X, Y, lr), with a hand-written
-    backward that recomputes the activations from the inputs."""
+    backward."""
 
     @staticmethod
     def forward(ctx, W0, W1, W2, X, Y, lr):
-        ctx.save_for_backward(W0, W1, W2, X, Y, lr)
         lr0, lr1, lr2 = lr[..., 0:1], lr[..., 1:2], lr[..., 2:3]  # [P, C, 1]
         A, Z = X @ W0, X @ W2  # [P, C, F]
+        D = Y @ W1.mT  # [P, C, F]
+        ctx.save_for_backward(W0, W1, W2, X, Y, lr, A, Z, D)
         sig = torch.sigmoid(A)
         S = A * sig
-        D = Y @ W1.mT  # [P, C, F]
         T = torch.mul(S, Z).mul_(lr1)
         g1 = T.mT @ Y  # [P, F, V], negated below
         Xs = X * lr2  # [P, C, K]
         g2 = Xs.mT @ torch.mul(D, S, out=T)
         S.neg_().add_(A).add_(1).mul_(sig)  # silu'(A) = sigmoid(A) (1 + A - silu(A)), in S's memory
-        E = D.mul_(Z).mul_(S)  # D Z silu'(A)
+        E = torch.mul(D, Z, out=T).mul_(S)  # D Z silu'(A)
         g0 = torch.mul(X, lr0, out=Xs).mT @ E
         return g0.neg_(), g1.neg_(), g2.neg_()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, G0, G1, G2):
-        W0, W1, W2, X, Y, lr = ctx.saved_tensors
+        W0, W1, W2, X, Y, lr, A, Z, D = ctx.saved_tensors
         lr0, lr1, lr2 = lr[..., 0:1], lr[..., 1:2], lr[..., 2:3]  # [P, C, 1]
         nG0, nG1, nG2 = -G0, -G1, -G2  # the forward's minus signs, on the small matrices
-        A, Z = X @ W0, X @ W2  # [P, C, F]
         sig = torch.sigmoid(A)
         S = A * sig
-        D = Y @ W1.mT
         P = (1 + A - S).mul_(sig)  # silu'(A)
         DZ = D * Z
         # g0 = -(lr0 X)^T (D Z P), g2 = -(lr2 X)^T (D S), g1 = -(lr1 Hd)^T Y, each differentiated in its factors
@@ -125,7 +123,7 @@ class LaCTGradFunction(torch.autograd.Function):
         dZ = torch.mul(dE, D).mul_(P).addcmul_(dHd, S)
         dD = dE.mul_(Z).mul_(P).addcmul_(dR, S)
         dS = dR.mul_(D).addcmul_(dHd, Z).addcmul_(dP, sig, value=-1)
-        dsig = torch.sub(A, S, out=D).add_(1).mul_(dP).addcmul_(dS, A)
+        dsig = torch.sub(A, S, out=DZ).add_(1).mul_(dP).addcmul_(dS, A)
         dA = dP.add_(dS).mul_(sig).addcmul_(dsig, S.copy_(sig).neg_().add_(1).mul_(sig))
         dY.baddbmm_(dD, W1)
         dX = dX0.mul_(lr0).addcmul_(dX2, lr2).baddbmm_(dA, W0.mT).baddbmm_(dZ, W2.mT)
