@@ -75,7 +75,8 @@ class LaCT(_LinearAttentionLayer):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LaCT: {name}: expected a positive int, got {value!r}")
         if hidden_size % num_lact_heads != 0:
-            raise ValueError(f"LaCT: hidden_size = {hidden_size} must be a multiple of num_lact_heads = {num_lact_heads}")
+            raise ValueError(f"LaCT: hidden_size = {hidden_size} must be a multiple of num_lact_heads = "
+                             f"{num_lact_heads}")
         if not base_lr > 0:
             raise ValueError(f"LaCT: base_lr: expected > 0, got {base_lr}")
         self.num_lact_heads, self.chunk_size, self.window_size = num_lact_heads, chunk_size, window_size

@@ -28,7 +28,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ipl_layers._checks import check_cu_seqlens, check_positive_int, check_qkv, check_shape, check_tensor, sequence_spans
+from ipl_layers._checks import (check_cu_seqlens, check_positive_int, check_qkv, check_shape, check_tensor,
+                                sequence_spans)
 from ipl_layers.backend import resolve_backend
 from ipl_layers.ops import lact_chunk as chunk
 from ipl_layers.ops.chunking import pad_sequences

@@ -12,12 +12,10 @@ gradients of L = -sum_i lr_i <f(k_i), v_i> over a chunk with keys X [C, K] and v
     D = Y W1^T                                                        [C, F]: dL/dHd up to the sign and lr
     g1 = -(lr1 * Hd)^T Y,  g2 = -(lr2 * X)^T (D * S),  g0 = -(lr0 * X)^T (D * Z * silu'(A))
 
-with silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))). The update of each weight is then
+with silu'(a) = sigmoid(a) (1 + a - silu(a)). The update of each weight is then
 M <- beta M + g (beta: the chunk's mean momentum gate), u = NS5(M) with Muon, else M; W <- W - u, and with
 renorm each column of W (the weights into one hidden or output unit) is rescaled to its initial norm.
 """
-
-from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +26,13 @@ NS_EPS = 1e-7  # X / (||X||_F + eps) before the iterations, as in the authors' c
 RENORM_EPS = 1e-5  # W / (||W_col|| + eps) * norm0, as in the authors' code
 
 
-def newton_schulz(G: torch.Tensor, coefficients: Sequence[Tuple[float, float, float]] = NS_COEFFICIENTS) -> torch.Tensor:
+def newton_schulz(G: torch.Tensor) -> torch.Tensor:
     """Muon's orthogonalisation of a batch of matrices [..., R, S]: X = G / ||G||_F, then X <- a X + b (X X^T) X
     + c (X X^T)^2 X per step, on the smaller Gram side (the map commutes with transposition)."""
     wide = G.shape[-2] <= G.shape[-1]
     X = G if wide else G.mT
     X = X / (torch.linalg.matrix_norm(X, keepdim=True) + NS_EPS)
-    for a, b, c in coefficients:
+    for a, b, c in NS_COEFFICIENTS:
         A = X @ X.mT  # [..., R, R]
         X = a * X + (b * A + c * (A @ A)) @ X
     return X if wide else X.mT
@@ -160,7 +158,7 @@ def chunk_forward(qp, kp, vp, lrp, mp, state, ends: torch.Tensor, C: int, use_mu
     Chunk j is applied with the weights after chunk j-1; it updates them only where it is complete (its end
     <= ends[n]): a sequence's last partial chunk stays open. Without `need_final`, the update after the last
     chunk is skipped: no output reads it."""
-    N, Tp, H, K = qp.shape
+    N, Tp, H = qp.shape[:3]
     NC = Tp // C
     dtype = state[0].dtype
 
@@ -225,7 +223,7 @@ def decode_step(q, k, v, lr, mom, state, C: int, use_muon: bool, renorm: bool):
     """One token per sequence, q, k [N, H, K], v [N, H, V], lr [N, H, 3], mom [N, H] or None, against the
     state's fields in the compute dtype: the output from the committed weights, the token appended to the
     open chunk, and the chunk's update where it is now complete. Returns o [N, H, V] and the new fields."""
-    N, H, K = q.shape
+    N, H = q.shape[:2]
     dtype = state[0].dtype
     weights, moments, norms = state[0:3], state[3:6], state[6:9]
     o = swiglu(q.to(dtype).unsqueeze(2).flatten(0, 1), *(_heads_first(w) for w in weights))  # [N * H, 1, V]
