@@ -38,39 +38,57 @@ def newton_schulz(G: torch.Tensor) -> torch.Tensor:
     return X if wide else X.mT
 
 
-def swiglu(x: torch.Tensor, W0: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
+def swiglu(x: torch.Tensor, W0: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, scratch: "Scratch") -> torch.Tensor:
     """f(x) = (silu(x W0) * (x W2)) W1 on batched rows: x [P, R, K], W0/W2 [P, K, F], W1 [P, F, V] -> [P, R, V]."""
-    return LaCTApplyFunction.apply(x, W0, W1, W2)
+    return LaCTApplyFunction.apply(x, W0, W1, W2, scratch)
+
+
+class Scratch:
+    """Temporaries of the chunk Functions, allocated once per op call and reused by every chunk, forward and
+    backward: a fresh [P, C, F] tensor per elementwise step would cost a pass over cold memory each (on CPU
+    about a third of the backward's time). Nothing held here is ever returned or saved for backward."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def __call__(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The buffer `name`, with the shape, dtype and device of `like` (contents undefined)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buf
 
 
 # The two Functions below save their pre-activations (x W0, x W2, and v W1^T for the gradients: [P, C, F] each,
-# small beside the chunk's matmuls) and run their elementwise steps in place where they can: every fresh
-# [P, C, F] temporary costs a pass over memory the allocator may have to fault in again. The backward never
-# writes into saved tensors (it may run more than once).
+# small beside the chunk's matmuls), keep every other [P, C, F] temporary in the call's `Scratch`, and run their
+# elementwise steps in place. The backward never writes into saved tensors (it may run more than once).
 
 
 class LaCTApplyFunction(torch.autograd.Function):
     """f(x) = (silu(x W0) * (x W2)) W1 with a hand-written backward."""
 
     @staticmethod
-    def forward(ctx, x, W0, W1, W2):
+    def forward(ctx, x, W0, W1, W2, scratch):
         A, Z = x @ W0, x @ W2  # [P, R, F]
         ctx.save_for_backward(x, W0, W1, W2, A, Z)
-        return (F.silu(A).mul_(Z)) @ W1
+        ctx.scratch = scratch
+        h = torch.sigmoid(A, out=scratch("apply_h", A)).mul_(A).mul_(Z)  # silu(A) * Z
+        return h @ W1
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         x, W0, W1, W2, A, Z = ctx.saved_tensors
-        sig = torch.sigmoid(A)
-        S = A * sig
-        dH = do @ W1.mT  # [P, R, F]
-        dW1 = torch.mul(S, Z).mT @ do
-        dA = dH * Z  # d silu(A), times silu'(A) = sig (1 + A - silu(A)) below
+        scratch = ctx.scratch
+        sig = torch.sigmoid(A, out=scratch("apply_sig", A))
+        S = torch.mul(A, sig, out=scratch("apply_S", A))
+        dH = torch.bmm(do, W1.mT, out=scratch("apply_dH", A))  # [P, R, F]
+        dW1 = torch.mul(S, Z, out=scratch("apply_SZ", A)).mT @ do
+        dA = torch.mul(dH, Z, out=scratch("apply_SZ", A))  # d silu(A), times silu'(A) = sig (1 + A - silu(A))
         dZ = S.mul_(dH)  # d(x W2) = dH * silu(A), in S's memory
         dA.mul_(dH.copy_(A).mul_(sig).neg_().add_(A).add_(1).mul_(sig))
         dx = (dA @ W0.mT).baddbmm_(dZ, W2.mT)
-        return dx, x.mT @ dA, dW1, x.mT @ dZ
+        return dx, x.mT @ dA, dW1, x.mT @ dZ, None
 
 
 class LaCTGradFunction(torch.autograd.Function):
@@ -78,16 +96,17 @@ class LaCTGradFunction(torch.autograd.Function):
     backward."""
 
     @staticmethod
-    def forward(ctx, W0, W1, W2, X, Y, lr):
+    def forward(ctx, W0, W1, W2, X, Y, lr, scratch):
         lr0, lr1, lr2 = lr[..., 0:1], lr[..., 1:2], lr[..., 2:3]  # [P, C, 1]
         A, Z = X @ W0, X @ W2  # [P, C, F]
         D = Y @ W1.mT  # [P, C, F]
         ctx.save_for_backward(W0, W1, W2, X, Y, lr, A, Z, D)
-        sig = torch.sigmoid(A)
-        S = A * sig
-        T = torch.mul(S, Z).mul_(lr1)
+        ctx.scratch = scratch
+        sig = torch.sigmoid(A, out=scratch("sig", A))
+        S = torch.mul(A, sig, out=scratch("S", A))
+        T = torch.mul(S, Z, out=scratch("T", A)).mul_(lr1)
         g1 = T.mT @ Y  # [P, F, V], negated below
-        Xs = X * lr2  # [P, C, K]
+        Xs = torch.mul(X, lr2, out=scratch("Xs", X))  # [P, C, K]
         g2 = Xs.mT @ torch.mul(D, S, out=T)
         S.neg_().add_(A).add_(1).mul_(sig)  # silu'(A) = sigmoid(A) (1 + A - silu(A)), in S's memory
         E = torch.mul(D, Z, out=T).mul_(S)  # D Z silu'(A)
@@ -98,42 +117,44 @@ class LaCTGradFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, G0, G1, G2):
         W0, W1, W2, X, Y, lr, A, Z, D = ctx.saved_tensors
+        scratch = ctx.scratch
         lr0, lr1, lr2 = lr[..., 0:1], lr[..., 1:2], lr[..., 2:3]  # [P, C, 1]
         nG0, nG1, nG2 = -G0, -G1, -G2  # the forward's minus signs, on the small matrices
-        sig = torch.sigmoid(A)
-        S = A * sig
-        P = (1 + A - S).mul_(sig)  # silu'(A)
-        DZ = D * Z
+        sig = torch.sigmoid(A, out=scratch("sig", A))
+        S = torch.mul(A, sig, out=scratch("S", A))
+        P = torch.sub(A, S, out=scratch("P", A)).add_(1).mul_(sig)  # silu'(A)
+        DZ = torch.mul(D, Z, out=scratch("DZ", A))
         # g0 = -(lr0 X)^T (D Z P), g2 = -(lr2 X)^T (D S), g1 = -(lr1 Hd)^T Y, each differentiated in its factors
-        T = torch.mul(DZ, P)
+        T = torch.mul(DZ, P, out=scratch("T", A))
         dX0 = T @ nG0.mT  # [P, C, K]: d(lr0 X)
-        dX2 = torch.mul(D, S, out=T) @ nG2.mT
-        Xs = X * lr0
-        dE = Xs @ nG0  # [P, C, F]: d(D Z P)
-        dR = torch.mul(X, lr2, out=Xs) @ nG2  # d(D S)
+        dX2 = torch.bmm(torch.mul(D, S, out=T), nG2.mT, out=scratch("dX2", X))
+        Xs = torch.mul(X, lr0, out=scratch("Xs", X))
+        dE = torch.bmm(Xs, nG0, out=scratch("dE", A))  # [P, C, F]: d(D Z P)
+        dR = torch.bmm(torch.mul(X, lr2, out=Xs), nG2, out=scratch("dR", A))  # d(D S)
         Hd = torch.mul(S, Z, out=T)
-        dHd = Y @ nG1.mT  # d(lr1 Hd), times lr1 below
-        dlr = torch.stack([(X * dX0).sum(-1), (Hd * dHd).sum(-1), (X * dX2).sum(-1)], -1)  # [P, C, 3]
+        dHd = torch.bmm(Y, nG1.mT, out=scratch("dHd", A))  # d(lr1 Hd), times lr1 below
+        dlr = torch.stack([torch.mul(X, dX0, out=Xs).sum(-1), torch.mul(Hd, dHd, out=scratch("dZ", A)).sum(-1),
+                           torch.mul(X, dX2, out=Xs).sum(-1)], -1)  # [P, C, 3]
         dY = Hd.mul_(lr1) @ nG1  # [P, C, V]
         dHd.mul_(lr1)
         # through E = D Z P, R = D S, Hd = S Z, P = sig (1 + A - S), S = A sig, sig = sigmoid(A)
         dP = torch.mul(dE, DZ, out=T)
-        dZ = torch.mul(dE, D).mul_(P).addcmul_(dHd, S)
+        dZ = torch.mul(dE, D, out=scratch("dZ", A)).mul_(P).addcmul_(dHd, S)
         dD = dE.mul_(Z).mul_(P).addcmul_(dR, S)
         dS = dR.mul_(D).addcmul_(dHd, Z).addcmul_(dP, sig, value=-1)
         dsig = torch.sub(A, S, out=DZ).add_(1).mul_(dP).addcmul_(dS, A)
         dA = dP.add_(dS).mul_(sig).addcmul_(dsig, S.copy_(sig).neg_().add_(1).mul_(sig))
         dY.baddbmm_(dD, W1)
         dX = dX0.mul_(lr0).addcmul_(dX2, lr2).baddbmm_(dA, W0.mT).baddbmm_(dZ, W2.mT)
-        return X.mT @ dA, dD.mT @ Y, X.mT @ dZ, dX, dY, dlr
+        return X.mT @ dA, dD.mT @ Y, X.mT @ dZ, dX, dY, dlr, None
 
 
-def chunk_update(weights, moments, norms, X, Y, lr, beta, use_muon: bool, renorm: bool):
+def chunk_update(weights, moments, norms, X, Y, lr, beta, use_muon: bool, renorm: bool, scratch: Scratch):
     """One chunk's update of (W0, W1, W2) [P, K, F], [P, F, V], [P, K, F] with momentum buffers `moments` (same
     shapes), from keys X [P, C, K], values Y [P, C, V], learning rates lr [P, C, 3] and momentum gate beta [P]
     (None: no momentum). `norms` [P, F], [P, V], [P, F] are the column norms renorm restores. Returns the new
     weights and momentum buffers."""
-    grads = LaCTGradFunction.apply(*weights, X, Y, lr)
+    grads = LaCTGradFunction.apply(*weights, X, Y, lr, scratch)
     if beta is not None:
         grads = tuple(g + beta[:, None, None] * m for g, m in zip(grads, moments))
     steps = tuple(newton_schulz(g) for g in grads) if use_muon else grads
@@ -185,14 +206,15 @@ def chunk_forward(qp, kp, vp, lrp, mp, state, ends: torch.Tensor, C: int, use_mu
     complete = ((torch.arange(1, NC + 1, device=ends.device) * C)[None] <= ends[:, None])  # [N, NC]
     complete = complete.repeat_interleave(H, 0)  # [N * H, NC]
     n_updates = NC if need_final else NC - 1
+    scratch = Scratch()
     outputs = []
     for j in range(NC):
-        outputs.append(swiglu(q[j], *weights))  # [N * H, C, V]
+        outputs.append(swiglu(q[j], *weights, scratch))  # [N * H, C, V]
         if j >= n_updates or not bool(complete[:, j].any()):
             continue
         kj, vj, lrj, mj = (None if x is None else x[j] for x in (k, v, lr, mom))
         beta = None if mj is None else mj.mean(-1)  # [N * H]: the chunk's mean momentum gate
-        new = chunk_update(weights, moments, norms, kj, vj, lrj, beta, use_muon, renorm)
+        new = chunk_update(weights, moments, norms, kj, vj, lrj, beta, use_muon, renorm, scratch)
         if bool(complete[:, j].all()):
             weights, moments = new
         else:  # sequences whose chunk j is partial (or padding) keep their weights
@@ -226,7 +248,9 @@ def decode_step(q, k, v, lr, mom, state, C: int, use_muon: bool, renorm: bool):
     N, H = q.shape[:2]
     dtype = state[0].dtype
     weights, moments, norms = state[0:3], state[3:6], state[6:9]
-    o = swiglu(q.to(dtype).unsqueeze(2).flatten(0, 1), *(_heads_first(w) for w in weights))  # [N * H, 1, V]
+    scratch = Scratch()
+    q = q.to(dtype).unsqueeze(2).flatten(0, 1)  # [N * H, 1, K]
+    o = swiglu(q, *(_heads_first(w) for w in weights), scratch)  # [N * H, 1, V]
     position = state[13]
     at = (torch.arange(C, device=q.device)[None] == position[:, None])  # [N, C]: the token's row
     token = (k, v, lr, torch.zeros(N, H, dtype=dtype, device=q.device) if mom is None else mom)
@@ -236,8 +260,8 @@ def decode_step(q, k, v, lr, mom, state, C: int, use_muon: bool, renorm: bool):
     if bool(full.any()):
         kb, vb, lrb, mb = (_heads_first(b.movedim(2, 1)) for b in buffers)  # [N * H, C, *]
         beta = None if mom is None else mb.mean(-1)
-        new_w, new_m = chunk_update(tuple(_heads_first(w) for w in weights), tuple(_heads_first(m) for m in moments),
-                                    tuple(_heads_first(n) for n in norms), kb, vb, lrb, beta, use_muon, renorm)
+        new_w, new_m = chunk_update(*((tuple(_heads_first(x) for x in xs)) for xs in (weights, moments, norms)),
+                                    kb, vb, lrb, beta, use_muon, renorm, scratch)
         keep = full.view(N, 1, 1, 1)
         weights = tuple(torch.where(keep, x.unflatten(0, (N, H)), y) for x, y in zip(new_w, weights))
         moments = tuple(torch.where(keep, x.unflatten(0, (N, H)), y) for x, y in zip(new_m, moments))
