@@ -183,16 +183,15 @@ def chunk_forward(qp, kp, vp, lrp, mp, state, ends: torch.Tensor, C: int, use_mu
     NC = Tp // C
     dtype = state[0].dtype
 
-    def chunks(x):  # [N, Tp, H, *] -> [N * H, NC, C, *]
-        return _heads_first(x.to(dtype).unflatten(1, (NC, C)).movedim(3, 1))
-
-    def unbind(x):  # -> a list of NC chunks [N * H, C, *]
-        return None if x is None else list(chunks(x).unbind(1))
+    def split(x):  # [N, Tp, H, *] -> NC chunks [N * H, C, *]: views for N == 1, else one copy per chunk
+        if x is None:
+            return None
+        # split's backward concatenates the chunks' gradients once (indexing chunk by chunk would zero-fill
+        # and accumulate a whole-sequence gradient per chunk)
+        return [_heads_first(c.to(dtype).movedim(2, 1)) for c in x.split(C, 1)]
 
     mom_buffer = state.momentum if mp is not None else None
-    # per-chunk views by unbind, whose backward stacks the chunks' gradients once (indexing chunk by chunk
-    # would zero-fill and accumulate a whole-sequence gradient per chunk)
-    q, k, v, lr, mom = (unbind(x) for x in (qp, kp, vp, lrp, mp))
+    q, k, v, lr, mom = (split(x) for x in (qp, kp, vp, lrp, mp))
     buffered = state.position.repeat_interleave(H)  # [N * H]
     if bool(buffered.any()):  # the open chunks' rows, in front of this call's tokens in chunk 0
         front = (torch.arange(C, device=qp.device)[None] < buffered[:, None])  # [N * H, C]
@@ -221,7 +220,7 @@ def chunk_forward(qp, kp, vp, lrp, mp, state, ends: torch.Tensor, C: int, use_mu
             keep = complete[:, j, None, None]
             weights, moments = (tuple(torch.where(keep, x, y) for x, y in zip(xs, ys))
                                 for xs, ys in zip(new, (weights, moments)))
-    o = torch.stack(outputs, 1).unflatten(0, (N, H)).movedim(1, 3).flatten(1, 2)  # [N, Tp, H, V]
+    o = torch.cat([x.unflatten(0, (N, H)).movedim(1, 2) for x in outputs], 1)  # [N, Tp, H, V]
     final = tuple(w.unflatten(0, (N, H)) for w in (*weights, *moments))
     if not need_final:
         return o, final, None
