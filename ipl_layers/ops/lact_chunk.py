@@ -45,8 +45,8 @@ def swiglu(x: torch.Tensor, W0: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor
 
 class Scratch:
     """Temporaries of the chunk Functions, allocated once per op call and reused by every chunk, forward and
-    backward: a fresh [P, C, F] tensor per elementwise step would cost a pass over cold memory each (on CPU
-    about a third of the backward's time). Nothing held here is ever returned or saved for backward."""
+    backward: a fresh [P, C, F] tensor per elementwise step writes to cold memory each time (measured 5-20%
+    of the forward+backward at T = 8192, C = 2048). Nothing held here is ever returned or saved for backward."""
 
     def __init__(self):
         self._buffers = {}
