@@ -5,6 +5,7 @@ Peers are imported lazily inside `load`, so a missing package only marks its row
 Adding an op (ttt, titans, memory layers) is one more `OpCase` in `CASES`.
 """
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -46,6 +47,10 @@ class OpCase:
     fwd_flops: Optional[Callable[[Shape], float]] = None
     # (another case, r): ours fwd+bwd at the target length within r times that case's ours in the same run
     within: Optional[Tuple[str, float]] = None
+    # (T, pass, fraction): the matmul-rate target of a case with fwd_flops; None: the forward at the target
+    # length >= 30% (report.py)
+    matmul_target: Optional[Tuple[int, str, float]] = None
+    chunk: Optional[int] = None  # the chunk size this case always runs with; None: the run's --chunk
 
     def __post_init__(self):
         if not self.impls or self.impls[0].role != OURS or any(i.role == OURS for i in self.impls[1:]):
@@ -402,7 +407,50 @@ MEMORY_CASES = (
     ),
 )
 
-CASES = CASES + DELTA_RULE_CASES + TTT_LINEAR_CASES + TTT_MLP_CASES + TITANS_CASES + MEMORY_CASES
+
+# ---- lact: SwiGLU fast weight (F = K), apply-then-update once per large chunk, momentum and renorm on ----
+
+def _lact_inputs(s: Shape, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    base = math.log(math.expm1(1e-3))  # the layer's lr = softplus(W x + b + softplus^-1(1e-3))
+    return {
+        "q": F.normalize(randn(s.B, s.T, s.H, s.K), dim=-1),  # unit q, k as the layer makes them
+        "k": F.normalize(randn(s.B, s.T, s.H, s.K), dim=-1),
+        "v": randn(s.B, s.T, s.H, s.V),
+        "lr": F.softplus(randn(s.B, s.T, s.H, 3) + base),  # [B, T, H, 3] for W0, W1, W2
+        "momentum": torch.sigmoid(randn(s.B, s.T, s.H)),
+        "W0": randn(s.B, s.H, s.K, s.K) / s.K**0.5,  # the authors' init, F = K (their default)
+        "W1": randn(s.B, s.H, s.K, s.V) / s.K**0.5,
+        "W2": randn(s.B, s.H, s.K, s.K) / s.K**0.5,
+    }
+
+
+def _lact_flops(s: Shape) -> float:
+    """Per head, F = K: every padded position applies f (q W0, q W2: 2KF each; h W1: 2FV), and every chunk
+    that is complete and not the last learns from its C positions (k W0, k W2, v W1^T, and the three weight
+    gradients: 8KF + 4FV per position). Muon is off; momentum and renorm are O(KF) per chunk."""
+    Fd, chunks = s.K, -(-s.T // s.chunk)
+    updates = min(s.T // s.chunk, chunks - 1)
+    apply = chunks * s.chunk * (4 * s.K * Fd + 2 * Fd * s.V)
+    learn = updates * s.chunk * (8 * s.K * Fd + 4 * Fd * s.V)
+    return s.B * s.H * (apply + learn)
+
+
+def _ours_lact(backend: str, chunk: int) -> Callable:
+    from ipl_layers.ops.lact import lact
+
+    def fn(q, k, v, lr, momentum, W0, W1, W2):
+        return lact(q, k, v, lr, chunk_size=chunk, initial_state=(W0, W1, W2), momentum=momentum, backend=backend)[0]
+
+    return fn
+
+
+LACT_CASES = (
+    OpCase("lact:chunk2048", _lact_inputs, (Impl("ours lact (chunk 2048, F = K, momentum, renorm)", OURS, _ours_lact),),
+           fwd_flops=_lact_flops, matmul_target=(8192, "fwd+bwd", 0.50), chunk=2048),
+)
+
+CASES = CASES + DELTA_RULE_CASES + TTT_LINEAR_CASES + TTT_MLP_CASES + TITANS_CASES + MEMORY_CASES + LACT_CASES
 
 
 def select(names) -> Tuple[OpCase, ...]:

@@ -20,17 +20,18 @@ BUSY_MARGIN = 0.5  # load average beyond the cores our threads leave free: someo
 
 def targets(cases, rows, matmul_rate):
     """(description, value, met) per target; value and met are None when it was not measured."""
-    def at_target(case, impl, pass_name):
-        key = (case.name, impl.label, pass_name, TARGET_T, "ok")
+    def at_target(case, impl, pass_name, T=TARGET_T):
+        key = (case.name, impl.label, pass_name, T, "ok")
         return next((r for r in rows if (r["case"], r["impl"], r["pass"], r["T"], r["status"]) == key), None)
 
     out = []
     for case in cases:
-        fwd = at_target(case, case.impls[0], "fwd")
         if case.fwd_flops is not None:
-            frac = fwd["fwd_flops"] / fwd["median_s"] / matmul_rate if fwd else None
-            out.append((f"{case.name}: ours fwd at T={TARGET_T} >= {TARGET_MATMUL_FRACTION:.0%} of GEMM FLOP/s",
-                        None if frac is None else f"{frac:.1%}", None if frac is None else frac >= TARGET_MATMUL_FRACTION))
+            T, pass_name, goal = case.matmul_target or (TARGET_T, "fwd", TARGET_MATMUL_FRACTION)
+            row = at_target(case, case.impls[0], pass_name, T)
+            frac = row["flops"] / row["median_s"] / matmul_rate if row else None
+            out.append((f"{case.name}: ours {pass_name} at T={T} >= {goal:.0%} of GEMM FLOP/s",
+                        None if frac is None else f"{frac:.1%}", None if frac is None else frac >= goal))
         for impl in case.impls:
             if impl.role == SAME_MATH:
                 peer = at_target(case, impl, "fwd+bwd")
@@ -111,16 +112,16 @@ def markdown(info, rows, goals):
         speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
         peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
         lines.append(head + f"| {r['median_s'] * 1e3:.2f} | {r['iqr_s'] * 1e3:.2f} | {r['calls']} | {peak} | {speedup} |")
-    lines += ["", "| case | T | ours fwd ms | chunked FLOP | GFLOP/s | of GEMM rate |", "|---|---|---|---|---|---|"]
+    lines += ["", "| case | T | pass | ours ms | chunked FLOP | GFLOP/s | of GEMM rate |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "fwd_flops" in r:
-            rate = r["fwd_flops"] / r["median_s"]
-            lines.append(f"| {r['case']} | {r['T']} | {r['median_s'] * 1e3:.2f} | {r['fwd_flops'] / 1e9:.3f} G "
+        if "flops" in r:
+            rate = r["flops"] / r["median_s"]
+            lines.append(f"| {r['case']} | {r['T']} | {r['pass']} | {r['median_s'] * 1e3:.2f} | {r['flops'] / 1e9:.3f} G "
                          f"| {rate / 1e9:.1f} | {rate / info['matmul']['flops_per_s']:.1%} |")
     notes = dict.fromkeys(f"- {r['impl']}: {r['note']}" for r in rows if r["note"])
     lines += ["", "Implementations:"] + list(notes) + ["", "Targets:"]
     for text, value, met in goals:
-        verdict = f"not evaluated (not measured at T={TARGET_T})" if met is None else ("met" if met else "NOT met")
+        verdict = "not evaluated (not measured at that length)" if met is None else ("met" if met else "NOT met")
         lines.append(f"- {text}: {value or '-'} — {verdict}")
     lines += ["", "speed-up = the implementation's median / ours (> 1: ours is faster). peak MiB ('-': a call over 1 s, not profiled): tensor bytes "
               "live at once during one call beyond the inputs (profiler allocator events; bench/README.md)."]

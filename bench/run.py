@@ -54,7 +54,7 @@ def load_impls(case, args):
         if args.no_peers and impl.role != OURS:
             continue
         try:
-            fn, status = impl.load(args.backend, args.chunk), "ok"
+            fn, status = impl.load(args.backend, case.chunk or args.chunk), "ok"
         except ImportError as e:
             if impl.role == OURS:
                 raise
@@ -104,7 +104,8 @@ def measure(fn, impl, inputs, min_run_time, always_profile=False):
     # layers: their parameters' gradients too (a training step computes them)
     params = fn.parameters() if hasattr(fn, "parameters") else []
     leaves, do = list(args.values()) + params, torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
-    step = lambda: torch.autograd.grad(fn(**args), leaves, do, allow_unused=True)  # noqa: E731  (unused options)
+    # materialized: an input or parameter can go unused (LaCT below two chunks never reads k; unused options)
+    step = lambda: torch.autograd.grad(fn(**args), leaves, do, allow_unused=True, materialize_grads=True)  # noqa: E731
     result["fwd+bwd"] = _with_peak(step, median_seconds(step, min_run_time), always_profile)
     return result
 
@@ -135,7 +136,7 @@ def run_case(case, args, rows, failures):
     loaded = load_impls(case, args)
     math = verify(case, loaded, failures)
     for T in args.T:
-        shape = Shape(B=args.B, T=T, H=args.H, K=args.D, V=args.D, chunk=args.chunk)
+        shape = Shape(B=args.B, T=T, H=args.H, K=args.D, V=args.D, chunk=case.chunk or args.chunk)
         inputs = case.make_inputs(shape, torch.Generator().manual_seed(0))
         results = {}  # label -> measure()'s dict, or the reason there is none
         for impl, fn, status in loaded:
@@ -167,8 +168,8 @@ def table_rows(case, shape, loaded, math, results):
                 row["median_s"], row["iqr_s"], row["calls"], row["peak_bytes"] = got[pass_name]
                 if impl.role != OURS and not isinstance(ours, str):
                     row["speedup"] = row["median_s"] / ours[pass_name][0]
-                if impl.role == OURS and pass_name == "fwd" and case.fwd_flops is not None:
-                    row["fwd_flops"] = case.fwd_flops(shape)
+                if impl.role == OURS and case.fwd_flops is not None:  # the backward: 2 matmuls per forward one
+                    row["flops"] = case.fwd_flops(shape) * (1 if pass_name == "fwd" else 3)
             rows.append(row)
     return rows
 

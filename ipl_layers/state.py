@@ -140,6 +140,34 @@ class TitansState(tuple):
         return self[-1]
 
 
+class LaCTState(NamedTuple):
+    """The fast weights of `lact` per sequence and head (SwiGLU x -> (silu(x W0) * (x W2)) W1), with what the
+    next update needs: the momentum buffers, the norms the weights are renormalised to, and the open chunk.
+
+    LaCT updates once per chunk of `chunk_size` tokens, counted from the start of the sequence. A call that
+    stops inside a chunk (a prefill of any length, or each decoded token) has applied the committed weights
+    to that chunk's queries but not yet learned from it: its keys, values, learning rates and momentum gates
+    wait in the fixed-size buffers below until the chunk is complete, so prefill + token-by-token decode
+    equals one forward over the whole sequence. Every field is a tensor (zeros where unused), so the cache
+    can map over them.
+    """
+
+    W0: torch.Tensor  # [N, H, K, F] fp32: the weights after the last complete chunk
+    W1: torch.Tensor  # [N, H, F, V] fp32
+    W2: torch.Tensor  # [N, H, K, F] fp32
+    M0: torch.Tensor  # [N, H, K, F] fp32: momentum buffers (the last update's gradient without momentum)
+    M1: torch.Tensor  # [N, H, F, V] fp32
+    M2: torch.Tensor  # [N, H, K, F] fp32
+    norm0: torch.Tensor  # [N, H, F] fp32: the column norms of the sequence's initial W0, kept by renorm
+    norm1: torch.Tensor  # [N, H, V] fp32: of its initial W1
+    norm2: torch.Tensor  # [N, H, F] fp32: of its initial W2
+    k: torch.Tensor  # [N, C, H, K] fp32: the open chunk's keys (rows >= position are zeros)
+    v: torch.Tensor  # [N, C, H, V] fp32: its values
+    lr: torch.Tensor  # [N, C, H, 3] fp32: its learning rates for W0, W1, W2
+    momentum: torch.Tensor  # [N, C, H] fp32: its momentum gates (zeros without momentum)
+    position: torch.Tensor  # [N] int64: tokens in the open chunk, in [0, chunk_size)
+
+
 def _copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone()
 

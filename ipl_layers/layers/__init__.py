@@ -2,6 +2,7 @@
 
 from ipl_layers.layers.conv import ShortConvolution
 from ipl_layers.layers.delta_rule import DeltaNet, GatedDeltaNet
+from ipl_layers.layers.lact import LaCT
 from ipl_layers.layers.linear_attention import GatedLinearAttention, LinearAttention
 from ipl_layers.layers.memory import MemoryPlus, ProductKeyMemory, memory_parameter_groups
 from ipl_layers.layers.norm import GatedRMSNorm, RMSNorm
@@ -13,6 +14,7 @@ __all__ = [
     "GatedDeltaNet",
     "GatedLinearAttention",
     "GatedRMSNorm",
+    "LaCT",
     "LinearAttention",
     "MemoryPlus",
     "ProductKeyMemory",

@@ -2,6 +2,7 @@
 
 from ipl_layers.ops.delta_rule import delta_rule, delta_rule_reference
 from ipl_layers.ops.embedding_bag import embedding_bag, embedding_bag_reference
+from ipl_layers.ops.lact import lact, lact_reference
 from ipl_layers.ops.linear_attention import linear_attention, linear_attention_reference
 from ipl_layers.ops.product_key import product_key_memory, product_key_topk, product_key_topk_reference
 from ipl_layers.ops.short_conv import short_conv, short_conv_reference
@@ -14,6 +15,8 @@ __all__ = [
     "delta_rule_reference",
     "embedding_bag",
     "embedding_bag_reference",
+    "lact",
+    "lact_reference",
     "linear_attention",
     "linear_attention_reference",
     "product_key_memory",
