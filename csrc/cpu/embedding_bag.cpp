@@ -1,5 +1,5 @@
-// CPU weighted embedding bag, forward and backward: checks, fp32 staging, parallel loops over bags (forward,
-// weights' gradient) and over touched rows (the table's gradient, deterministic for any thread count: each
+// CPU weighted embedding bag, forward and backward: checks, fp32 staging, parallel loops over bags (forward)
+// and over touched rows (both gradients, deterministic for any thread count: each
 // row is summed by one task in the reverse index's order). Arithmetic: csrc/common/embedding_bag.h.
 #include <ATen/Parallel.h>
 
@@ -74,16 +74,13 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward(const at::Tensor& indi
   const int64_t* ofp = off.data_ptr<int64_t>();
   float* dwp = dw.data_ptr<float>();
   float* drp = drows.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t j = 0; j < n; ++j) dwp[b * n + j] = bag_weight_grad(gp + b * D, vp + ip[b * n + j] * D, D);
-    }
-  });
   const int64_t total = M * n;
+  // by touched row (rows ascending): each task owns its rows' entries, so both outputs are written once
   at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t start = ofp[u], stop = u + 1 < U ? ofp[u + 1] : total;
-      row_grad_columns(orp + start, stop - start, wp, gp, static_cast<int>(n), D, 0, D, drp + u * D);
+      row_backward(orp + start, stop - start, wp, gp, vp + ip[orp[start]] * D, static_cast<int>(n), D, dwp,
+                   drp + u * D);
     }
   });
   return {dw, drows};

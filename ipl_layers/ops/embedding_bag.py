@@ -81,7 +81,9 @@ def reverse_index(idx: torch.Tensor, n: int):
 
 class EmbeddingBagFunction(torch.autograd.Function):
     """The torch path: `F.embedding_bag` (sum with per-sample weights) forward; the backward described in the
-    module docstring. With `cpp`, the C++ extension's loops (csrc/cpu/embedding_bag.cpp, fp32) run both."""
+    module docstring, for fp32 CPU tensors by the C++ extension's single pass over the reverse index when it is
+    built (each touched row read once for both gradients), else by torch ops. With `cpp`, the extension's loops
+    (csrc/cpu/embedding_bag.cpp, fp32) run forward and backward."""
 
     @staticmethod
     def forward(ctx, idx, w, values, sparse_grad, cpp):
@@ -108,11 +110,21 @@ class EmbeddingBagFunction(torch.autograd.Function):
         acc = torch.float64 if values.dtype == torch.float64 else torch.float32
         dout = dout.to(acc)
         dw = dvalues = None
-        if ctx.cpp and n:  # both gradients from the C++ loops, over the same reverse index
+        # both gradients from the C++ extension's one pass over the reverse index (each touched row read once):
+        # with backend "cpp", and in the torch path for fp32 CPU tensors when the extension is built
+        fused = values.device.type == "cpu" and values.dtype == w.dtype == torch.float32 and _ext.available()
+        if (ctx.cpp or fused) and n:
             rows, order, offsets = reverse_index(idx.reshape(-1), n)
             dw, per_row = _ext.embedding_bag_backward(idx, w, values, dout, order, offsets)
             return None, dw.to(w.dtype), _table_grad(rows, per_row.to(values.dtype), N, D, ctx.sparse_grad), None, None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and values.dtype == acc and n:
+            # torch's per-sample-weights backward: one dot per (bag, slot) straight from the table, no gathered copy
+            # (3x faster on CPU than the blocked gather below at M = 4096, n = 128, D = 256)
+            flat = idx.reshape(-1)
+            dw = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                dout, values, flat, torch.arange(0, M * n, n, device=idx.device),
+                torch.arange(M, device=idx.device).repeat_interleave(n), 0, -1).view(M, n).to(w.dtype)
+        elif ctx.needs_input_grad[1]:  # low precision (or n = 0): gather blocks of rows, convert only those
             dw = w.new_empty(M, n, dtype=acc)
             block = max(1, GATHER_BLOCK // max(1, n * D))  # bags per block: [block, n, D] gathered at a time
             for s in range(0, M, block):

@@ -6,8 +6,12 @@ split into halves q = [q1, q2]. The top-k slots of that sum always lie among the
 own top-k, so the search costs 2 n + k^2 scores instead of n^2:
 
     s1, s2 = q1 C1^T, q2 C2^T                     [*, n] each
-    (a, i), (b, j) = topk(s1, k), topk(s2, k)      the k best of each half
-    scores, slots = topk(a_u + b_v over u, v), indices i_u * n + j_v
+    (a, i), (b, j) = topk(s1, k), topk(s2, k)      the k best of each half, sorted descending
+    scores, slots = topk(a_u + b_v over (u, v) in P), indices i_u * n + j_v
+
+and fewer than k^2 pairs need scoring: with a and b sorted, the pair (u, v) is beaten by the (u + 1)(v + 1) pairs
+(u' <= u, v' <= v), so it can be among the top k only if (u + 1)(v + 1) <= k. P is that set: 119 pairs for
+k = 32 instead of 1024 (about k ln k), so the final top-k reads 9x fewer candidates.
 
 `product_key_memory` then reads `embedding_bag(slots, softmax(scores), values)` with every head's k slots in
 one bag (the heads' reads are summed). Gradients reach the query and the sub-keys through the selected
@@ -69,12 +73,25 @@ def product_key_topk(query: torch.Tensor, keys: torch.Tensor, topk: int, *,
     if name == "reference":
         return product_key_topk_reference(query, keys, topk)
     q1, q2 = query.chunk(2, dim=-1)
-    a, i = torch.topk(torch.einsum("...hd,hnd->...hn", q1, keys[:, 0]), topk, dim=-1)  # [*, H, k]
+    a, i = torch.topk(torch.einsum("...hd,hnd->...hn", q1, keys[:, 0]), topk, dim=-1)  # [*, H, k], descending
     b, j = torch.topk(torch.einsum("...hd,hnd->...hn", q2, keys[:, 1]), topk, dim=-1)
-    cand = (a[..., :, None] + b[..., None, :]).flatten(-2)  # [*, H, k * k]
-    slots = (i[..., :, None] * n + j[..., None, :]).flatten(-2)
-    scores, best = torch.topk(cand, topk, dim=-1)
-    return scores, slots.gather(-1, best)
+    u, v = _candidate_pairs(topk, query.device)  # [P] each
+    scores, best = torch.topk(a[..., u] + b[..., v], topk, dim=-1)  # of the [*, H, P] candidates
+    slots = i.gather(-1, u[best]) * n + j.gather(-1, v[best])  # [*, H, k]
+    return scores, slots
+
+
+_PAIRS = {}
+
+
+def _candidate_pairs(k: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The pairs (u, v) of sorted per-half ranks with (u + 1)(v + 1) <= k (module docstring), as two index
+    vectors [P]; cached per (k, device)."""
+    key = (k, device)
+    if key not in _PAIRS:
+        pairs = [(u, v) for u in range(k) for v in range(k // (u + 1))]
+        _PAIRS[key] = tuple(torch.tensor(c, dtype=torch.long, device=device) for c in zip(*pairs))
+    return _PAIRS[key]
 
 
 def product_key_memory(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, topk: int, *,

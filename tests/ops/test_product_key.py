@@ -23,9 +23,10 @@ def make_inputs(lead, H, n, Dk, D, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float64, BOUND_F64), (torch.float32, BOUND_F32)])
-@pytest.mark.parametrize("k", [1, 4, 16])
+@pytest.mark.parametrize("k", [1, 4, 7, 16, 32])
 def test_search_equals_brute_force(dtype, bound, k):
-    query, keys, _ = make_inputs((3, 5), 2, 16, 8, 4, dtype)
+    # k = n = 32: every pair with (u + 1)(v + 1) <= k is a candidate, the pruning must still find the top k
+    query, keys, _ = make_inputs((3, 5), 2, 32, 8, 4, dtype)
     scores, slots = product_key_topk(query, keys, k)
     ref_scores, ref_slots = product_key_topk_reference(query, keys, k)
     assert torch.equal(slots, ref_slots)
