@@ -145,16 +145,18 @@ def _linear_attention_case(variant: str, g_form: Optional[str], peer: Impl) -> O
 CASES: Tuple[OpCase, ...] = (
     _linear_attention_case(
         "plain", None,
-        Impl("fla naive_chunk_linear_attn", SAME_MATH, _fla(_fla_chunk_linear_attn), note="chunked, C=64"),
+        Impl("fla naive_chunk_linear_attn", SAME_MATH, _fla(_fla_chunk_linear_attn), goal=(2.0, None),
+             note="chunked, C=64"),
     ),
     _linear_attention_case(
         "scalar_decay", "scalar",
-        Impl("fla naive_chunk_simple_gla", SAME_MATH, _fla(_fla_chunk_simple_gla), note="chunked, C=64"),
+        Impl("fla naive_chunk_simple_gla", SAME_MATH, _fla(_fla_chunk_simple_gla), goal=(2.0, None),
+             note="chunked, C=64"),
     ),
     _linear_attention_case(
         "key_decay", "per_key",
         Impl(
-            "fla naive_recurrent_gla", SAME_MATH, _fla(_fla_recurrent_gla),
+            "fla naive_recurrent_gla", SAME_MATH, _fla(_fla_recurrent_gla), goal=(2.0, None),
             note="token-by-token: fla has no pure-torch chunked GLA",
         ),
     ),
@@ -208,13 +210,14 @@ DELTA_RULE_CASES = (
     OpCase(
         "delta_rule:plain", _delta_rule_inputs(False),
         (Impl("ours delta_rule (g=None)", OURS, _ours_delta_rule),
-         Impl("fla delta_rule_chunkwise", SAME_MATH, _fla(_fla_chunk_delta_rule),
+         Impl("fla delta_rule_chunkwise", SAME_MATH, _fla(_fla_chunk_delta_rule), goal=(2.0, None),
               note="chunked, C=64; needs T % 64 == 0; its [B, H, T, D] layout moves are timed with it")),
     ),
     OpCase(
         "delta_rule:gated", _delta_rule_inputs(True),
         (Impl("ours delta_rule (g=scalar)", OURS, _ours_delta_rule),
-         Impl("fla naive_chunk_gated_delta_rule", SAME_MATH, _fla(_fla_chunk_gated_delta_rule), note="chunked, C=64")),
+         Impl("fla naive_chunk_gated_delta_rule", SAME_MATH, _fla(_fla_chunk_gated_delta_rule), goal=(2.0, None),
+              note="chunked, C=64")),
     ),
 )
 
