@@ -36,6 +36,7 @@ class Impl:
     # (speed-up, peak ratio or None): ours fwd+bwd at the target length at least this much faster than this
     # implementation, with at most this fraction of its peak memory (its peak is then always profiled)
     goal: Optional[Tuple[float, Optional[float]]] = None
+    max_T: Optional[int] = None  # timed only up to this length (a peer that would take minutes beyond it)
 
 
 @dataclass(frozen=True)
@@ -341,7 +342,45 @@ def _titans_pytorch(H: int, K: int, chunk: int, backend: str) -> torch.nn.Module
                         default_model_kwargs=dict(depth=2, expansion_factor=4.0))
 
 
+def _titans_linear_inputs(s: Shape, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """A depth-1 (linear) memory with the x + LN(x W) wrapper, the form fla's Titans reference implements."""
+    randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    gate = lambda bias: torch.sigmoid(randn(s.B, s.T, s.H) + bias)  # noqa: E731  [B, T, H]
+    return {"q": F.normalize(randn(s.B, s.T, s.H, s.K), dim=-1), "k": F.normalize(randn(s.B, s.T, s.H, s.K), dim=-1),
+            "v": randn(s.B, s.T, s.H, s.K), "theta": 0.1 * gate(0.0), "eta": gate(0.0), "alpha": gate(-5.0),
+            "ln_weight": torch.ones(s.H, s.K), "ln_bias": torch.zeros(s.H, s.K),
+            "W": 0.02 * randn(s.B, s.H, s.K, s.K)}
+
+
+def _ours_titans_linear(backend: str, chunk: int) -> Callable:
+    from ipl_layers.ops import titans_memory
+
+    def fn(q, k, v, theta, eta, alpha, ln_weight, ln_bias, W):
+        return titans_memory(q, k, v, theta, eta, alpha, ln_weight=ln_weight, ln_bias=ln_bias, chunk_size=chunk,
+                             initial_state=(W,), use_ln=True, use_residual=True, backend=backend)[0]
+
+    return fn
+
+
+def _fla_titans_linear() -> Callable:
+    from fla.ops.titans.naive import chunk_titans_linear_ref  # [B, T, H, D]; gates [B, T, H, 1]
+
+    def fn(q, k, v, theta, eta, alpha, ln_weight, ln_bias, W):
+        return chunk_titans_linear_ref(q, k, v, ln_weight, ln_bias, theta[..., None], alpha[..., None],
+                                       eta[..., None], chunk_size=64, initial_state=W)[0]
+
+    return fn
+
+
 TITANS_CASES = (
+    OpCase(
+        "titans:linear", _titans_linear_inputs,
+        (Impl("ours titans_memory (depth 1, x + LN(x W))", OURS, _ours_titans_linear),
+         Impl("fla chunk_titans_linear_ref", BASELINE, _fla(_fla_titans_linear), max_T=1024,
+              note="fla's Titans reference (linear memory, chunk 64): momentum and decay per token, every gradient "
+                   "at the chunk's start weights as ours; output o + LN(o), retrieval before the chunk's "
+                   "updates: a speed peer; about 40 s a forward+backward at T = 1024, so not timed beyond")),
+    ),
     OpCase(
         "titans:layer", _titans_inputs,
         (Impl("ours TitansMemory layer (depth 2, F = 4K)", OURS, _hidden_layer(_ours_titans),

@@ -143,6 +143,9 @@ def run_case(case, args, rows, failures):
             results[impl.label] = status
             if fn is None:
                 continue
+            if impl.max_T is not None and T > impl.max_T:
+                results[impl.label] = f"not timed above T = {impl.max_T}"
+                continue
             print(f"  {case.name} T={T}: {impl.label}", file=sys.stderr, flush=True)
             try:
                 always = any(i.goal is not None for i in case.impls)  # a memory target compares peaks
