@@ -21,10 +21,11 @@ scores (the selection itself is piecewise constant).
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ipl_layers._checks import check_positive_int, check_shape, check_tensor
 from ipl_layers.backend import resolve_backend
-from ipl_layers.ops.embedding_bag import embedding_bag
+from ipl_layers.ops.embedding_bag import embedding_bag, reverse_index
 
 BACKENDS = ("reference", "torch")
 
@@ -73,12 +74,54 @@ def product_key_topk(query: torch.Tensor, keys: torch.Tensor, topk: int, *,
     if name == "reference":
         return product_key_topk_reference(query, keys, topk)
     q1, q2 = query.chunk(2, dim=-1)
-    a, i = torch.topk(torch.einsum("...hd,hnd->...hn", q1, keys[:, 0]), topk, dim=-1)  # [*, H, k], descending
-    b, j = torch.topk(torch.einsum("...hd,hnd->...hn", q2, keys[:, 1]), topk, dim=-1)
-    u, v = _candidate_pairs(topk, query.device)  # [P] each
-    scores, best = torch.topk(a[..., u] + b[..., v], topk, dim=-1)  # of the [*, H, P] candidates
-    slots = i.gather(-1, u[best]) * n + j.gather(-1, v[best])  # [*, H, k]
-    return scores, slots
+    with torch.no_grad():  # the search; gradients reach the k selected scores only (SelectedScoresFunction)
+        a, i = torch.topk(torch.einsum("...hd,hnd->...hn", q1, keys[:, 0]), topk, dim=-1)  # [*, H, k], descending
+        b, j = torch.topk(torch.einsum("...hd,hnd->...hn", q2, keys[:, 1]), topk, dim=-1)
+        u, v = _candidate_pairs(topk, query.device)  # [P] each
+        best = torch.topk(a[..., u] + b[..., v], topk, dim=-1)[1]  # of the [*, H, P] candidates
+        u, v = u[best], v[best]  # [*, H, k] per-half ranks of the winners
+        rows1, rows2 = i.gather(-1, u), j.gather(-1, v)  # [*, H, k] sub-key indices
+        a, b = a.gather(-1, u), b.gather(-1, v)  # their half scores: a + b is the candidates' sum, bit for bit
+    scores = _selected_scores(q1, keys[:, 0], rows1, a) + _selected_scores(q2, keys[:, 1], rows2, b)
+    return scores, rows1 * n + rows2
+
+
+def _selected_scores(q: torch.Tensor, subkeys: torch.Tensor, rows: torch.Tensor, values: torch.Tensor):
+    """<q[..., h, :], subkeys[h, rows[..., h, t]]> [*, H, k], differentiable in q and subkeys, with the values
+    the search already computed: q [*, H, d], subkeys [H, n, d], rows [*, H, k]."""
+    H, n, d = subkeys.shape
+    k = rows.shape[-1]
+    flat = (rows + torch.arange(H, device=rows.device)[:, None] * n).reshape(-1, k)  # [M * H, k] rows of [H * n]
+    out = SelectedScoresFunction.apply(q.reshape(-1, d), subkeys.reshape(H * n, d), flat, values.reshape(-1, k))
+    return out.view_as(values)
+
+
+class SelectedScoresFunction(torch.autograd.Function):
+    """scores[b, t] = <q[b], table[idx[b, t]]> for the few selected rows, forward values given (the search
+    computed them). The backward is two bags over the small sub-key table instead of the dense [*, n] score
+    gradient and two [M, n] x [n, d] matmuls: dq[b] = sum_t g[b, t] table[idx[b, t]] and, through the
+    reverse index (deterministic), dtable[r] = sum over (b, t) with idx[b, t] = r of g[b, t] q[b]."""
+
+    @staticmethod
+    def forward(ctx, q, table, idx, values):  # q [M, d], table [R, d], idx [M, k], values [M, k]
+        ctx.save_for_backward(q, table, idx)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, g):  # g [M, k]
+        q, table, idx = ctx.saved_tensors
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        g = g.to(acc)
+        dq = dtable = None
+        if ctx.needs_input_grad[0]:
+            dq = F.embedding_bag(idx, table.to(acc), per_sample_weights=g, mode="sum").to(q.dtype)
+        if ctx.needs_input_grad[1]:
+            k = idx.shape[1]
+            rows, order, offsets = reverse_index(idx.reshape(-1), k)
+            per_row = F.embedding_bag(order // k, q.to(acc), offsets, per_sample_weights=g.reshape(-1)[order],
+                                      mode="sum")
+            dtable = per_row.new_zeros(table.shape).index_copy_(0, rows, per_row).to(table.dtype)
+        return dq, dtable, None, None
 
 
 _PAIRS = {}
