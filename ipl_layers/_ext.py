@@ -31,6 +31,21 @@ def _require():
     return _C
 
 
+def step_applies(q: torch.Tensor, initial_state, cu_seqlens, *others) -> bool:
+    """Whether a recurrent op's call is one decoding step for the C++ extension: one token per sequence
+    ([B, 1, ...], no cu_seqlens) from a state, on CPU, not float64, without autograd through any input."""
+    tensors = [x for x in (q, initial_state, *others) if x is not None]
+    return (
+        q.shape[1] == 1
+        and cu_seqlens is None
+        and initial_state is not None
+        and q.device.type == "cpu"
+        and q.dtype != torch.float64
+        and available()
+        and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+    )
+
+
 def linear_attention_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -49,6 +64,26 @@ def linear_attention_step(
     ext = _require()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return ext.linear_attention_step(q, k, v, g, state, scale)
+
+
+def delta_rule_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: Optional[torch.Tensor],
+    state: torch.Tensor,
+    scale: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One (gated) delta-rule decoding step on CPU (csrc/common/delta_rule_step.h).
+
+    q, k [B, H, K]; v [B, H, V]; beta [B, H]; g None or [B, H] log-decay; state [B, H, K, V] fp32. `scale`
+    defaults to K ** -0.5. Returns (o [B, H, V] fp32, new_state [B, H, K, V] fp32) with a = exp(g),
+    new_state = a state + beta k^T (v - a k state) and o = scale * q new_state; `state` is left unchanged.
+    """
+    ext = _require()
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return ext.delta_rule_step(q, k, v, beta, g, state, scale)
 
 
 def embedding_bag_forward(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

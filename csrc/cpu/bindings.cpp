@@ -9,6 +9,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One linear-attention decoding step: (o [B, H, V] fp32, new_state [B, H, K, V] fp32)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("g"), py::arg("state"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("delta_rule_step", &ipl::delta_rule_step,
+        "One (gated) delta-rule decoding step: (o [B, H, V] fp32, new_state [B, H, K, V] fp32)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("beta"), py::arg("g"), py::arg("state"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("embedding_bag_forward", &ipl::embedding_bag_forward, "Weighted embedding bag: out [M, D] fp32",
         py::arg("indices"), py::arg("weights"), py::arg("values"), py::call_guard<py::gil_scoped_release>());
   m.def("embedding_bag_backward", &ipl::embedding_bag_backward,

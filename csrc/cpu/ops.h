@@ -15,6 +15,13 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_step(const at::Tensor& q, co
                                                          const at::Tensor& v, const std::optional<at::Tensor>& g,
                                                          const at::Tensor& state, double scale);
 
+// One decoding step of the (gated) delta rule; see csrc/common/delta_rule_step.h for the math.
+// q, k [B, H, K]; v [B, H, V]; beta [B, H]; g None or [B, H] (log-decay); state [B, H, K, V] fp32.
+// Returns (o [B, H, V] fp32, new_state [B, H, K, V] fp32); `state` is not modified.
+std::tuple<at::Tensor, at::Tensor> delta_rule_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& beta, const std::optional<at::Tensor>& g,
+                                                   const at::Tensor& state, double scale);
+
 // The weighted embedding bag (csrc/common/embedding_bag.h): indices [M, n] int64, weights [M, n], values [N, D].
 // Returns out [M, D] fp32.
 at::Tensor embedding_bag_forward(const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& values);

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ipl_layers import _ext
 from ipl_layers._checks import (
     check_cu_seqlens, check_positive_int, check_qkv, check_shape, check_tensor, sequence_spans,
 )
@@ -194,6 +195,10 @@ def delta_rule(
         )
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
+    if _ext.step_applies(q, initial_state, cu_seqlens, k, v, beta, g):
+        o, final = _ext.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],
+                                        initial_state.float(), scale)
+        return o[:, None].to(v.dtype), (final if output_final_state else None)
     (qp, kp, vp, betap, gp), unpad = pad_sequences([q, k, v, beta, g], cu_seqlens, chunk_size)  # beta 0: no update
     inputs = (qp, kp, vp, betap, gp, initial_state)
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)):

@@ -130,20 +130,6 @@ def _linear_attention_torch(q, k, v, g, scale, initial_state, output_final_state
     return unpad(o), final
 
 
-def _uses_cpu_step(q, k, v, g, initial_state, cu_seqlens) -> bool:
-    """Decoding on CPU without autograd: one token per sequence from a state goes to the C++ step."""
-    tensors = [x for x in (q, k, v, g, initial_state) if x is not None]
-    return (
-        q.shape[1] == 1
-        and cu_seqlens is None
-        and initial_state is not None
-        and q.device.type == "cpu"
-        and q.dtype != torch.float64
-        and _ext.available()
-        and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
-    )
-
-
 def _linear_attention_cpu_step(q, k, v, g, scale, initial_state, output_final_state):
     step_g = None if g is None else g[:, 0]  # [B, H] or [B, H, K]
     o, final = _ext.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], step_g, initial_state.float(), scale)
@@ -189,7 +175,7 @@ def linear_attention(
             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
     if name == "torch":
-        if _uses_cpu_step(q, k, v, g, initial_state, cu_seqlens):
+        if _ext.step_applies(q, initial_state, cu_seqlens, k, v, g):
             return _linear_attention_cpu_step(q, k, v, g, scale, initial_state, output_final_state)
         return _linear_attention_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     recurrent = name == "triton_recurrent" or (name == "triton" and q.shape[1] < chunk_size)
