@@ -15,13 +15,12 @@ Two things make data-parallel training with DDP give the unsharded model's gradi
   each shard divides by W, so every parameter gets the gradient of the mean.
 
 A sharded layer holds its process group, so the model cannot be deep-copied or pickled whole (nor can a DDP
-module). Its `state_dict` holds this rank's shards; for a checkpoint of full tables, unshard (or load a full
-checkpoint into the unsharded model, then shard).
+module). Its `state_dict` holds this rank's shards; for a checkpoint of full tables, unshard first; to resume from
+one, load it into the unsharded model, then shard.
 """
 
 from typing import Dict, List, Set
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -66,25 +65,25 @@ def shard_memory_values(model: nn.Module, group=None, average_grad: bool = True)
     """
     group = _require_group(group, "shard_memory_values")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+    if not layers:
+        raise ValueError(f"shard_memory_values: no ProductKeyMemory / MemoryPlus layer in {type(model).__name__}")
+    for layer in layers:  # every check before any change
+        if layer.values_group is not None:
+            raise ValueError(f"shard_memory_values: {type(layer).__name__}'s value table is already sharded")
+        if layer.value_dim < world:
+            raise ValueError(f"shard_memory_values: a value table of D = {layer.value_dim} columns cannot give each "
+                             f"of {world} ranks at least one")
     shards: Dict[int, nn.Parameter] = {}  # id(full table) -> its shard: a shared table is sharded once
-    for module in model.modules():
-        if not isinstance(module, ProductKeyMemory):
-            continue
-        if module.values_group is not None:
-            raise ValueError(f"shard_memory_values: {type(module).__name__}'s value table is already sharded")
-        table = module.values
+    for layer in layers:
+        table = layer.values
         if id(table) not in shards:
-            if table.shape[1] < world:
-                raise ValueError(f"shard_memory_values: a value table of D = {table.shape[1]} columns cannot give "
-                                 f"each of {world} ranks at least one")
-            cols = shard_columns(table.shape[1], world, rank)
+            cols = shard_columns(layer.value_dim, world, rank)
             shard = nn.Parameter(table.detach()[:, cols].clone(), requires_grad=table.requires_grad)
             if average_grad and shard.requires_grad:
                 shard.register_hook(lambda grad: grad / world)  # sparse gradients divide too
             shards[id(table)] = shard
-        module.values, module.values_group = shards[id(table)], group
-    if not shards:
-        raise ValueError(f"shard_memory_values: no ProductKeyMemory / MemoryPlus layer in {type(model).__name__}")
+        layer.values, layer.values_group = shards[id(table)], group
     _set_ddp_ignored(model, _names(model, {id(p) for p in shards.values()}), ignore=True)
     return model
 

@@ -53,6 +53,15 @@ def gather_columns(shard: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([part[:, :w] for part, w in zip(parts, widths)], dim=1)
 
 
+def float64_copy(model: nn.Module) -> nn.Module:
+    """The unsharded reference: a float64 copy with dense table gradients."""
+    ref = copy.deepcopy(model).double()
+    for module in ref.modules():
+        if isinstance(module, ProductKeyMemory):
+            module.sparse_grad = False
+    return ref
+
+
 def check_op(rank, leading, dtype=torch.float32, sparse_grad=False, backend=None, N=20, D=7, n=5) -> List[str]:
     """The op on each rank's bags of shape [*leading[rank], n] (D = 7: columns split 4 / 3) against `embedding_bag`
     in float64 over every rank's bags, for the loss sum_r <out_r, g_r>. Returns the failure, if any, instead of
@@ -111,10 +120,11 @@ def op_sparse_grad(rank):
 
 @case
 def memory_plus_with_ddp(rank):
-    """The realistic use: data-parallel MemoryPlus, its table sharded, wrapped in DDP (average_grad=True): every
-    gradient is the unsharded one of the summed loss divided by the world size."""
-    layer = MemoryPlus(HIDDEN, num_heads=2, num_keys=6, topk=3, key_dim=8, value_dim=7)
-    ref = copy.deepcopy(layer).double()
+    """The realistic use: data-parallel MemoryPlus, its table sharded (sparse gradient), wrapped in DDP
+    (average_grad=True): every gradient is the unsharded one of the summed loss divided by the world size; then an
+    SGD step and the way back give the unsharded model's update."""
+    layer = MemoryPlus(HIDDEN, num_heads=2, num_keys=6, topk=3, key_dim=8, value_dim=7, sparse_grad=True)
+    ref, before = float64_copy(layer), copy.deepcopy(layer)
     xs = [torch.randn(2, 5, HIDDEN), torch.randn(1, 3, HIDDEN)]  # 10 and 3 tokens
     gs = [torch.randn(x.shape) for x in xs]
     x_ref = [x.double().requires_grad_() for x in xs]
@@ -125,23 +135,29 @@ def memory_plus_with_ddp(rank):
     x = xs[rank].clone().requires_grad_()
     out = model(x)
     (out * gs[rank]).sum().backward()
-    grads = {name: gather_columns(p.grad, layer.value_dim) if name == "values" else p.grad
+    grads = {name: gather_columns(p.grad.to_dense(), layer.value_dim) if name == "values" else p.grad
              for name, p in layer.named_parameters()}
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()
+    torch.optim.SGD(ref.parameters(), lr=0.5 / WORLD).step()  # ref holds the gradient of the sum, DDP of the mean
+    unshard_memory_values(layer)  # the last collective: asserts from here on
     bound = BOUNDS[torch.float32]
     assert_rel_rms("out", out, out_ref[rank], bound)
     assert_rel_rms("dx", x.grad, x_ref[rank].grad, bound)
     for (name, grad), p_ref in zip(grads.items(), ref.parameters()):
         assert_rel_rms(f"d{name} * world", grad * WORLD, p_ref.grad, bound)
+    for (name, p), p_ref, p0 in zip(layer.named_parameters(), ref.parameters(), before.parameters()):
+        assert_rel_rms(f"{name}'s SGD update", p.detach() - p0, p_ref.detach() - p0.double(), bound)
 
 
 @case
 def shared_table_sparse_grad_and_unshard(rank):
-    """ProductKeyMemory and MemoryPlus sharing one table, sparse gradients, average_grad=False, then the way back."""
+    """ProductKeyMemory and MemoryPlus sharing one table, sparse gradients, average_grad=False, no tokens on rank 1,
+    then the way back."""
     first = ProductKeyMemory(HIDDEN, num_heads=2, num_keys=5, topk=2, key_dim=8, sparse_grad=True)
     model = nn.Sequential(first, MemoryPlus(HIDDEN, num_heads=2, num_keys=5, topk=2, key_dim=8, values=first.values,
                                            sparse_grad=True))
-    ref, table = copy.deepcopy(model).double(), first.values.detach().clone()
-    xs = [torch.randn(3, HIDDEN), torch.randn(2, 4, HIDDEN)]
+    ref, table = float64_copy(model), first.values.detach().clone()
+    xs = [torch.randn(2, 4, HIDDEN), torch.randn(0, HIDDEN)]
     sum(ref(x.double()).sum() for x in xs).backward()
 
     shard_memory_values(model, average_grad=False)
