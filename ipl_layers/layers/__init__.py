@@ -5,6 +5,7 @@ from ipl_layers.layers.delta_rule import DeltaNet, GatedDeltaNet
 from ipl_layers.layers.lact import LaCT
 from ipl_layers.layers.linear_attention import GatedLinearAttention, LinearAttention
 from ipl_layers.layers.memory import MemoryPlus, ProductKeyMemory, memory_parameter_groups
+from ipl_layers.layers.memory_sharding import shard_memory_values, unshard_memory_values
 from ipl_layers.layers.norm import GatedRMSNorm, RMSNorm
 from ipl_layers.layers.titans import TitansMemory
 from ipl_layers.layers.ttt_linear import TTTMLP, TTTLinear
@@ -24,4 +25,6 @@ __all__ = [
     "TitansMemory",
     "TTTMLP",
     "memory_parameter_groups",
+    "shard_memory_values",
+    "unshard_memory_values",
 ]

@@ -88,6 +88,7 @@ class ProductKeyMemory(nn.Module):
             raise ValueError(f"{name}: values: expected an nn.Parameter [num_keys^2, value_dim] = [{N}, {value_dim}] "
                              f"to share, got {got}")
         self.values = values
+        self.values_group = None  # a process group once shard_memory_values has made `values` this rank's columns
         self.out_proj = nn.Linear(value_dim, hidden_size, bias=False) if value_dim != hidden_size else None
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +105,7 @@ class ProductKeyMemory(nn.Module):
             raise ValueError(f"{type(self).__name__}: hidden_states: expected [*, hidden_size = {self.hidden_size}], "
                              f"got {got}")
         return product_key_memory(self._query(x), self.keys, self.values, self.topk, sparse_grad=self.sparse_grad,
-                                  backend=self.backend)  # [*, value_dim]
+                                  backend=self.backend, values_group=self.values_group)  # [*, value_dim]
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         out = self._read(hidden_states)

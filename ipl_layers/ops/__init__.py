@@ -5,6 +5,7 @@ from ipl_layers.ops.embedding_bag import embedding_bag, embedding_bag_reference
 from ipl_layers.ops.lact import lact, lact_reference
 from ipl_layers.ops.linear_attention import linear_attention, linear_attention_reference
 from ipl_layers.ops.product_key import product_key_memory, product_key_topk, product_key_topk_reference
+from ipl_layers.ops.sharded_embedding_bag import sharded_embedding_bag
 from ipl_layers.ops.short_conv import short_conv, short_conv_reference
 from ipl_layers.ops.titans_memory import titans_memory, titans_memory_reference
 from ipl_layers.ops.ttt_linear import ttt_linear, ttt_linear_reference
@@ -22,6 +23,7 @@ __all__ = [
     "product_key_memory",
     "product_key_topk",
     "product_key_topk_reference",
+    "sharded_embedding_bag",
     "short_conv",
     "short_conv_reference",
     "titans_memory",

@@ -21,11 +21,13 @@ scores (the selection itself is piecewise constant).
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ipl_layers._checks import check_positive_int, check_shape, check_tensor
 from ipl_layers.backend import resolve_backend
 from ipl_layers.ops.embedding_bag import embedding_bag, reverse_index
+from ipl_layers.ops.sharded_embedding_bag import sharded_embedding_bag
 
 BACKENDS = ("reference", "torch")
 
@@ -138,13 +140,16 @@ def _candidate_pairs(k: int, device: torch.device) -> Tuple[torch.Tensor, torch.
 
 
 def product_key_memory(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, topk: int, *,
-                       sparse_grad: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+                       sparse_grad: bool = False, backend: Optional[str] = None,
+                       values_group: Optional["dist.ProcessGroup"] = None) -> torch.Tensor:
     """sum over heads h of sum_k softmax(scores_h)_k values[slot_hk]: [*, H, Dk] -> [*, D].
 
     Args:
         query, keys, topk: as `product_key_topk`; values: [n^2, D] the value table shared by the heads.
         sparse_grad: a sparse gradient for `values` (see `embedding_bag`).
         backend: for both steps, "torch" or "reference".
+        values_group: the process group whose ranks each hold a column shard of the table: `values` is then this
+            rank's [n^2, D_r] and the read is `sharded_embedding_bag`'s (None: `values` is the whole table).
     """
     H, n = _check_inputs(query, keys, topk)
     check_tensor("values", values, 2, "N, D", like=query, like_name="query")
@@ -154,4 +159,7 @@ def product_key_memory(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     scores, slots = product_key_topk(query, keys, topk, backend=backend)
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     weights = torch.softmax(scores, dim=-1, dtype=acc).to(scores.dtype)  # [*, H, k]
+    if values_group is not None:
+        return sharded_embedding_bag(slots.flatten(-2), weights.flatten(-2), values, group=values_group,
+                                     sparse_grad=sparse_grad, backend=backend)
     return embedding_bag(slots.flatten(-2), weights.flatten(-2), values, sparse_grad=sparse_grad, backend=backend)
