@@ -145,6 +145,27 @@ def test_finetuning_moves_only_the_selected_rows(sparse_grad):
     assert not model.first.values._backward_hooks
 
 
+def test_rows_of_an_earlier_selection_stop_moving_after_reselection():
+    """Lazy Adam: a row selected before but not now gets no update from its old momentum (dense Adam's would)."""
+    model = ThreeMemories()
+    finetuner = SparseMemoryFinetuner(model, count_slot_accesses(model, torch.randn(8, 4, HIDDEN).unbind()),
+                                      top_t=5, lr=1e-2)
+    first = finetuner.select([torch.randn(2, 4, HIDDEN)])["third.values"]
+    for _ in range(2):
+        model(torch.randn(4, 4, HIDDEN)).pow(2).mean().backward()
+        finetuner.step()
+    new = torch.randn(2, 4, HIDDEN)
+    second = finetuner.select([new])["third.values"]
+    dropped = torch.tensor(sorted(set(first.tolist()) - set(second.tolist())))
+    assert len(dropped) > 0, "the two selections coincide: the test shows nothing"
+    before = model.third.values.detach().clone()
+    for _ in range(2):
+        model(torch.cat([new, torch.randn(2, 4, HIDDEN)])).pow(2).mean().backward()
+        finetuner.step()
+    assert torch.equal(model.third.values[dropped], before[dropped])
+    assert (model.third.values[second] != before[second]).any(-1).all()
+
+
 class FactModel(nn.Module):
     """token -> class through an embedding, a product-key memory (residual) and a linear head."""
 
