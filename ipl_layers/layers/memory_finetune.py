@@ -197,6 +197,8 @@ class SparseMemoryFinetuner:
         table_ids = {id(t) for t in self.tables.values()}
         for p, _ in self._requires_grad:
             p.requires_grad_(id(p) in table_ids)
+        for table in self.tables.values():
+            table.grad = None  # a gradient left from earlier training is no fine-tuning gradient
         self.optimizer = torch.optim.SparseAdam(list(self.tables.values()), lr=lr, betas=betas, eps=eps)
         self.selected: Dict[str, torch.Tensor] = {}
         self._handles: List[RemovableHandle] = []
@@ -205,8 +207,8 @@ class SparseMemoryFinetuner:
         """Counts the slots `new_batches` read, ranks them by TF-IDF against the background and masks every
         table's gradient to its top-t slots. Returns {table name: ascending slots}; call before backward."""
         pending = [name for name, table in self.tables.items() if table.grad is not None]
-        if pending:  # they were masked to the old selection
-            raise RuntimeError(f"SparseMemoryFinetuner.select: the tables {pending} hold gradients of the previous "
+        if pending:  # masked to another selection or to none: step() would apply rows outside this one
+            raise RuntimeError(f"SparseMemoryFinetuner.select: the tables {pending} hold gradients from before this "
                                "selection; call step() before selecting again")
         counts = count_slot_accesses(self.model, new_batches, self.forward)
         self.selected = {name: select_slots(tfidf_slot_scores(c.counts, self.background[name].doc_freq,

@@ -194,7 +194,8 @@ def write_new_facts(model, new, new_y, step, goal=0.05, max_steps=400):
 def test_writing_new_facts_into_top_t_slots_forgets_less_than_full_finetuning():
     """48 known facts (token -> class) are learnt; 8 new tokens get new classes, until their loss is < 0.05, by
     full fine-tuning (Adam, every parameter) and by sparse memory fine-tuning (top 64 of 4096 rows). Measured
-    (seed 0): the known facts' loss rises 0.0051 by full fine-tuning, 0.0014 by sparse (7 seeds: 3.6-35x less)."""
+    (seed 0): the known facts' loss 0.0003 rises by 0.0051 with full fine-tuning, by 0.0014 with sparse (seeds 0-6:
+    3.6x to 130x less). Here top_t covers every row the new facts read (8 tokens x 2 heads x 4 picks)."""
     model = FactModel()
     labels = torch.randperm(64)
     known, new = torch.arange(48), torch.arange(48, 56)
@@ -243,6 +244,7 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match=r"ProductKeyMemory: hidden_states: expected \[\*, hidden_size = 16\]"):
         layer.slots(torch.randn(3, 15))
     background = count_slot_accesses(layer, [torch.randn(3, HIDDEN)])
+    layer(torch.randn(2, HIDDEN)).sum().backward()  # a gradient from earlier training: cleared by the finetuner
     with pytest.raises(ValueError, match=r"top_t: expected an int in \[1, N = 16\] \(rows of values\), got 17"):
         SparseMemoryFinetuner(layer, background, top_t=17)
     other = ProductKeyMemory(HIDDEN, num_heads=2, num_keys=5, topk=2, key_dim=8)
@@ -257,5 +259,5 @@ def test_bad_arguments_name_the_argument():
         finetuner.step()
     finetuner.select([torch.randn(2, HIDDEN)])
     layer(torch.randn(2, HIDDEN)).sum().backward()
-    with pytest.raises(RuntimeError, match=r"select: the tables \['values'\] hold gradients of the previous"):
+    with pytest.raises(RuntimeError, match=r"select: the tables \['values'\] hold gradients from before this"):
         finetuner.select([torch.randn(2, HIDDEN)])
