@@ -5,6 +5,15 @@ from ipl_layers.layers.delta_rule import DeltaNet, GatedDeltaNet
 from ipl_layers.layers.lact import LaCT
 from ipl_layers.layers.linear_attention import GatedLinearAttention, LinearAttention
 from ipl_layers.layers.memory import MemoryPlus, ProductKeyMemory, memory_parameter_groups
+from ipl_layers.layers.memory_finetune import (
+    SlotCounts,
+    SparseMemoryFinetuner,
+    count_slot_accesses,
+    mask_slot_gradients,
+    memory_tables,
+    select_slots,
+    tfidf_slot_scores,
+)
 from ipl_layers.layers.memory_sharding import shard_memory_values, unshard_memory_values
 from ipl_layers.layers.norm import GatedRMSNorm, RMSNorm
 from ipl_layers.layers.titans import TitansMemory
@@ -21,10 +30,17 @@ __all__ = [
     "ProductKeyMemory",
     "RMSNorm",
     "ShortConvolution",
+    "SlotCounts",
+    "SparseMemoryFinetuner",
     "TTTLinear",
     "TitansMemory",
     "TTTMLP",
+    "count_slot_accesses",
+    "mask_slot_gradients",
     "memory_parameter_groups",
+    "memory_tables",
+    "select_slots",
     "shard_memory_values",
+    "tfidf_slot_scores",
     "unshard_memory_values",
 ]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ipl_layers.ops import product_key_memory
+from ipl_layers.ops import product_key_memory, product_key_topk
 
 QUERY_NORMS = ("layernorm", "batchnorm", None)
 
@@ -99,17 +99,28 @@ class ProductKeyMemory(nn.Module):
         q = q.unflatten(-1, (self.num_heads, self.key_dim))
         return self.query_norm(q) if isinstance(self.query_norm, nn.LayerNorm) else q
 
-    def _read(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_hidden_states(self, x) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != self.hidden_size:
             got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__}: hidden_states: expected [*, hidden_size = {self.hidden_size}], "
                              f"got {got}")
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_hidden_states(x)
         return product_key_memory(self._query(x), self.keys, self.values, self.topk, sparse_grad=self.sparse_grad,
                                   backend=self.backend, values_group=self.values_group)  # [*, value_dim]
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         out = self._read(hidden_states)
         return out if self.out_proj is None else self.out_proj(out)
+
+    @torch.no_grad()
+    def slots(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The value rows a forward on `hidden_states` [*, hidden] reads: [*, H, k] int64 in [0, num_keys^2), as
+        the forward selects them (same query, norm and search). For observing memory use, e.g. sparse fine-tuning
+        (`ipl_layers/layers/memory_finetune.py`); a BatchNorm query norm in training mode updates its statistics."""
+        self._check_hidden_states(hidden_states)
+        return product_key_topk(self._query(hidden_states), self.keys, self.topk, backend=self.backend)[1]
 
 
 class MemoryPlus(ProductKeyMemory):
