@@ -9,7 +9,7 @@ linear-attention layers (see `linear_attention.py`) and flash-linear-attention's
 """
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,26 @@ from torch import nn
 
 from ipl_layers.layers.linear_attention import _LinearAttentionLayer
 from ipl_layers.ops import delta_rule
+
+
+def mamba2_decay_parameters(num_heads: int, dt_min: float, dt_max: float, owner: str
+                            ) -> Tuple[nn.Parameter, nn.Parameter]:
+    """A_log, dt_bias [H] of a Mamba2-style log-decay: A = exp(A_log) uniform in [1, 16], softplus(dt_bias)
+    log-uniform in [dt_min, dt_max], as in Mamba2; marked for no weight decay (fla's marker)."""
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"{owner}: expected 0 < dt_min <= dt_max, got dt_min = {dt_min}, dt_max = {dt_max}")
+    A = torch.empty(num_heads).uniform_(1, 16)  # [H] decay rates
+    log_dt = torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = torch.exp(log_dt)  # [H] step sizes
+    A_log, dt_bias = nn.Parameter(torch.log(A)), nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+    A_log._no_weight_decay = dt_bias._no_weight_decay = True
+    return A_log, dt_bias
+
+
+def mamba2_log_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """g = -exp(A_log) softplus(a + dt_bias) [B, T, H] <= 0 from a = W_a x [B, T, H], in fp32 at least."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
 
 
 class _DeltaRuleLayer(_LinearAttentionLayer):
@@ -89,23 +109,12 @@ class GatedDeltaNet(_DeltaRuleLayer):
         layer_idx: Optional[int] = None,
         backend: Optional[str] = None,
     ):
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"GatedDeltaNet: expected 0 < dt_min <= dt_max, got dt_min = {dt_min}, dt_max = {dt_max}")
         super().__init__(
             hidden_size, num_heads, expand_k, expand_v, use_short_conv, conv_size, use_output_gate,
             norm_eps, layer_idx, backend,
         )
         self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        A = torch.empty(num_heads).uniform_(1, 16)  # [H] decay rates
-        self.A_log = nn.Parameter(torch.log(A))
-        log_dt = torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        dt = torch.exp(log_dt)  # [H] step sizes
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-        # fla's marker: training recipes leave these out of weight decay
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
+        self.A_log, self.dt_bias = mamba2_decay_parameters(num_heads, dt_min, dt_max, type(self).__name__)
 
     def _log_decay(self, x):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        dt = F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))  # [B, T, H] > 0
-        return -self.A_log.to(dtype).exp() * dt  # [B, T, H] <= 0
+        return mamba2_log_decay(self.a_proj(x), self.A_log, self.dt_bias)

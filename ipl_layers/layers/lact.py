@@ -31,9 +31,8 @@ from torch import nn
 from ipl_layers.layers.linear_attention import _LinearAttentionLayer
 from ipl_layers.layers.norm import RMSNorm
 from ipl_layers.layers.padding import check_attention_mask, repad, unpad
-from ipl_layers.layers.window_attention import window_attention
+from ipl_layers.layers.window_attention import window_attention_heads
 from ipl_layers.ops import lact
-from ipl_layers.ops.chunking import pad_sequences
 from ipl_layers.state import FastWeightCache
 
 L2_EPS = 1e-5  # x / (||x|| + eps), as in the authors' code
@@ -104,19 +103,6 @@ class LaCT(_LinearAttentionLayer):
         momentum = None if self.momentum_proj is None else torch.sigmoid(self.momentum_proj(x))
         return q, k, v, lr, momentum
 
-    def _attention(self, q, k, v, cu_seqlens, past, use_cache):
-        """Sliding-window attention of [B, T, hidden] (or packed [1, total, hidden] with cu_seqlens) q, k, v."""
-        H, Dh = self.num_heads, self.head_k_dim
-        q, k, v = (x.unflatten(-1, (H, Dh)) for x in (q, k, v))  # [B, T, H, Dh]
-        if cu_seqlens is None:
-            lengths = torch.full((q.shape[0],), q.shape[1], dtype=torch.long, device=q.device)
-            o, state = window_attention(q, k, v, lengths, self.window_size, past, use_cache)
-        else:  # one right-padded row per sequence, so each attends within itself
-            (qp, kp, vp), back = pad_sequences([q, k, v], cu_seqlens, 1)
-            o, state = window_attention(qp, kp, vp, torch.diff(cu_seqlens.long()), self.window_size, past, use_cache)
-            o = back(o)
-        return o.flatten(-2), state
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -143,7 +129,8 @@ class LaCT(_LinearAttentionLayer):
 
         x = hidden_states
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, hidden]
-        a, attn_state = self._attention(q, k, v, cu_seqlens, last.get("attn_state"), use_cache)
+        a, attn_state = window_attention_heads(q, k, v, self.num_heads, self.window_size, cu_seqlens,
+                                               last.get("attn_state"), use_cache)
         fq, fk, fv, lr, momentum = self._fast_inputs(q, k, v, x)
         initial_state = last.get("recurrent_state")
         if initial_state is None:  # every sequence starts from the learnable start weights

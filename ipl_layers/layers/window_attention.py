@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ipl_layers.ops.chunking import pad_sequences
+
 BLOCK = 256  # queries per attention call (at least the window)
 
 AttnState = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -60,3 +62,26 @@ def window_attention(
     rows = torch.arange(N, device=q.device)[:, None]
     final = tuple(torch.where(keep, x.transpose(1, 2)[rows, index], 0.0) for x in (keys, values))
     return o, (*final, (count + lengths).clamp(max=P))
+
+
+def window_attention_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    window: int,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    past: Optional[AttnState] = None,
+    output_final_state: bool = False,
+) -> Tuple[torch.Tensor, Optional[AttnState]]:
+    """`window_attention` of a layer's projections q, k, v [B, T, num_heads * D] (or packed [1, total, *] with
+    cu_seqlens [N+1]): returns o [B, T, num_heads * D] and the cache."""
+    q, k, v = (x.unflatten(-1, (num_heads, -1)) for x in (q, k, v))  # [B, T, H, D]
+    if cu_seqlens is None:
+        lengths = torch.full((q.shape[0],), q.shape[1], dtype=torch.long, device=q.device)
+        o, state = window_attention(q, k, v, lengths, window, past, output_final_state)
+    else:  # one right-padded row per sequence, so each attends within itself
+        (qp, kp, vp), back = pad_sequences([q, k, v], cu_seqlens, 1)
+        o, state = window_attention(qp, kp, vp, torch.diff(cu_seqlens.long()), window, past, output_final_state)
+        o = back(o)
+    return o.flatten(-2), state
