@@ -30,7 +30,7 @@ from torch import nn
 
 from ipl_layers.layers.linear_attention import _LinearAttentionLayer
 from ipl_layers.layers.norm import RMSNorm
-from ipl_layers.layers.padding import check_attention_mask, repad, unpad
+from ipl_layers.layers.padding import repad
 from ipl_layers.layers.window_attention import window_attention_heads
 from ipl_layers.ops import lact
 from ipl_layers.state import FastWeightCache
@@ -111,23 +111,10 @@ class LaCT(_LinearAttentionLayer):
         use_cache: bool = False,
         **kwargs,
     ) -> Tuple[torch.Tensor, None, Optional[FastWeightCache]]:
-        cu_seqlens = kwargs.get("cu_seqlens")
-        self._check_inputs(hidden_states, cu_seqlens, past_key_values, use_cache)
-        B, T, _ = hidden_states.shape
-        if use_cache and past_key_values is None:
-            past_key_values = FastWeightCache()
+        x, cu_seqlens, indices, last, past_key_values = self._begin(
+            hidden_states, attention_mask, past_key_values, use_cache, kwargs.get("cu_seqlens"))
+        B, T = hidden_states.shape[:2]
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        last = self._past_state(past_key_values, N)
-
-        indices = None
-        if attention_mask is not None:
-            if cu_seqlens is not None:
-                raise ValueError("LaCT: pass either attention_mask or cu_seqlens, not both")
-            mask = check_attention_mask(attention_mask, B, T, has_past=last.get("seen_tokens", 0) > 0)
-            if not mask.all():
-                hidden_states, indices, cu_seqlens = unpad(hidden_states, mask)  # [1, total, hidden]
-
-        x = hidden_states
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, hidden]
         a, attn_state = window_attention_heads(q, k, v, self.num_heads, self.window_size, cu_seqlens,
                                                last.get("attn_state"), use_cache)
@@ -142,6 +129,4 @@ class LaCT(_LinearAttentionLayer):
             past_key_values.update(self.layer_idx, offset=T, recurrent_state=state, attn_state=attn_state)
 
         o = self.o_proj(a + self.ttt_norm(f).flatten(-2))  # [B, T, hidden]
-        if indices is not None:
-            o = repad(o, indices, B, T)
-        return o, None, past_key_values
+        return (o if indices is None else repad(o, indices, B, T)), None, past_key_values

@@ -135,6 +135,24 @@ class _LinearAttentionLayer(nn.Module):
             )
         return last
 
+    def _begin(self, hidden_states, attention_mask, past_key_values, use_cache, cu_seqlens):
+        """The start every forward shares: input checks, the cache (created with use_cache), this layer's past
+        states and a padding mask packed into cu_seqlens. Returns (x: [B, T, hidden] or packed [1, total,
+        hidden], cu_seqlens, indices of the kept tokens (None when nothing was packed), past states, cache)."""
+        self._check_inputs(hidden_states, cu_seqlens, past_key_values, use_cache)
+        B, T, _ = hidden_states.shape
+        if use_cache and past_key_values is None:
+            past_key_values = FastWeightCache()
+        last = self._past_state(past_key_values, B if cu_seqlens is None else cu_seqlens.numel() - 1)
+        indices = None
+        if attention_mask is not None:
+            if cu_seqlens is not None:
+                raise ValueError(f"{type(self).__name__}: pass either attention_mask or cu_seqlens, not both")
+            mask = check_attention_mask(attention_mask, B, T, has_past=last.get("seen_tokens", 0) > 0)
+            if not mask.all():
+                hidden_states, indices, cu_seqlens = unpad(hidden_states, mask)  # [1, total, hidden]
+        return hidden_states, cu_seqlens, indices, last, past_key_values
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -143,22 +161,9 @@ class _LinearAttentionLayer(nn.Module):
         use_cache: bool = False,
         **kwargs,
     ) -> Tuple[torch.Tensor, None, Optional[FastWeightCache]]:
-        cu_seqlens = kwargs.get("cu_seqlens")
-        self._check_inputs(hidden_states, cu_seqlens, past_key_values, use_cache)
-        B, T, _ = hidden_states.shape
-        if use_cache and past_key_values is None:
-            past_key_values = FastWeightCache()
-        last = self._past_state(past_key_values, B if cu_seqlens is None else cu_seqlens.numel() - 1)
-
-        indices = None
-        if attention_mask is not None:
-            if cu_seqlens is not None:
-                raise ValueError(f"{type(self).__name__}: pass either attention_mask or cu_seqlens, not both")
-            mask = check_attention_mask(attention_mask, B, T, has_past=last.get("seen_tokens", 0) > 0)
-            if not mask.all():
-                hidden_states, indices, cu_seqlens = unpad(hidden_states, mask)  # [1, total, hidden]
-
-        x = hidden_states  # [B, T, hidden] or packed [1, total, hidden]
+        x, cu_seqlens, indices, last, past_key_values = self._begin(
+            hidden_states, attention_mask, past_key_values, use_cache, kwargs.get("cu_seqlens"))
+        B, T = hidden_states.shape[:2]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         conv_state = None
         if self.use_short_conv:
@@ -176,9 +181,7 @@ class _LinearAttentionLayer(nn.Module):
             past_key_values.update(self.layer_idx, offset=T, recurrent_state=recurrent_state, conv_state=conv_state)
 
         o = self.o_proj(self._output(o, x))  # [B, T, hidden]
-        if indices is not None:
-            o = repad(o, indices, B, T)
-        return o, None, past_key_values
+        return (o if indices is None else repad(o, indices, B, T)), None, past_key_values
 
 
 class LinearAttention(_LinearAttentionLayer):
