@@ -124,12 +124,14 @@ class IPLAttention(nn.Module):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"IPLAttention: {name}: expected a positive int, got {value!r}")
         if num_heads % num_kv_heads:
-            raise ValueError(f"IPLAttention: num_heads = {num_heads} must be a multiple of num_kv_heads = {num_kv_heads}")
+            raise ValueError(f"IPLAttention: num_heads = {num_heads} must be a multiple of "
+                             f"num_kv_heads = {num_kv_heads}")
         if head_dim % 2:
             raise ValueError(f"IPLAttention: head_dim: expected an even dim (RoPE rotates pairs), got {head_dim}")
         if window_size is not None and (not isinstance(window_size, int) or window_size < 1):
             raise ValueError(f"IPLAttention: window_size: expected a positive int or None, got {window_size!r}")
-        self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.head_dim = head_dim
         self.window_size, self.rope_theta, self.layer_idx = window_size, rope_theta, layer_idx
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)

@@ -100,7 +100,8 @@ class IPLModel(IPLPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # the blocks would drop it anyway: the backward recomputes them
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if use_cache and cache is None:
             cache = FastWeightCache()
@@ -111,11 +112,11 @@ class IPLModel(IPLPreTrainedModel):
         for block in self.layers:
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            hidden_states, cache = block(hidden_states, attention_mask=attention_mask, cache=cache if use_cache else None,
+            hidden_states, cache = block(hidden_states, attention_mask=attention_mask, cache=cache,
                                          use_cache=use_cache, **kwargs)
         hidden_states = self.norm(hidden_states)
         all_hidden = tuple(all_hidden) + (hidden_states,) if output_hidden_states else None
-        cache = cache if use_cache else None
+        cache = cache if use_cache else None  # a cache passed with use_cache=False is read, not updated nor returned
         if not return_dict:
             return tuple(x for x in (hidden_states, cache, all_hidden) if x is not None)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden)

@@ -63,7 +63,10 @@ def test_causal_attention_matches_reference(window, split):
 def test_rope_rotates_relative_positions():
     """<rope(q, i), rope(k, j)> depends on i - j only: the property attention relies on."""
     q, k = torch.randn(1, 1, 1, 8).double(), torch.randn(1, 1, 1, 8).double()
-    dot = lambda i, j: (apply_rope(q, torch.tensor([[i]]), 100.0) * apply_rope(k, torch.tensor([[j]]), 100.0)).sum()  # noqa: E731
+
+    def dot(i, j):
+        return (apply_rope(q, torch.tensor([[i]]), 100.0) * apply_rope(k, torch.tensor([[j]]), 100.0)).sum()
+
     assert torch.allclose(dot(5, 2), dot(13, 10)) and not torch.allclose(dot(5, 2), dot(5, 3))
 
 
