@@ -9,6 +9,9 @@ cache is not a `transformers` `Cache` (see `ipl_layers/state.py`), so `generate(
 `attention_mask` is a [B, T] padding mask (left or right padding; with a cache it may cover past and current
 tokens). Every layer packs the real tokens away, so a padded row computes what the unpadded sequence computes;
 the attention layers count RoPE positions over real tokens only, so `position_ids` is not needed and not taken.
+Packed batches: `input_ids` [1, total] with `cu_seqlens` [N+1] (a keyword every layer takes) run N sequences
+without padding, each from its own state; for training on them, set the labels of each sequence's first token
+to -100 (the loss shifts labels across the packed row).
 """
 
 from typing import Optional, Union

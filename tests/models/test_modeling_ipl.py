@@ -1,5 +1,6 @@
 """IPLForCausalLM end to end on tiny configs: every mixer's prefill + decode equals the full forward, greedy
-generate() equals the argmax of full forwards (also on a left-padded batch), save/load and the Auto classes give
+generate() equals the argmax of full forwards (also on a left-padded batch), padding masks and packed sequences
+equal each sequence alone, save/load and the Auto classes give
 bit-identical logits, gradient checkpointing gives the same gradients, tied and untied heads."""
 
 import pytest
@@ -64,6 +65,28 @@ def test_greedy_generate_equals_full_forward_argmax(mixer):
         logits = model(expected, use_cache=False).logits
         expected = torch.cat([expected, logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+@torch.no_grad()
+def test_padding_mask_equals_varlen_equals_per_sample(mixer):
+    """Right- and left-padded rows, packed sequences (`cu_seqlens`, an empty one included) and each sequence alone
+    give the same logits at the real tokens."""
+    model = tiny([mixer, "swa"])
+    lengths = (7, 0, 5, 9)
+    seqs = [torch.randint(0, VOCAB, (1, n)) for n in lengths]
+    alone = [model(s, use_cache=False).logits[0] for s in seqs if s.shape[1]]
+    cu = torch.tensor([0, 7, 7, 12, 21], dtype=torch.int32)
+    packed = model(torch.cat(seqs, 1), cu_seqlens=cu, use_cache=False).logits[0]
+    assert rel(packed, torch.cat(alone)) < TOL
+    T = max(lengths)
+    ids, mask = torch.zeros(4, T, dtype=torch.long), torch.zeros(4, T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : s.shape[1]], mask[b, : s.shape[1]] = s[0], 1  # right padding on even rows, left on odd ones
+        if b % 2:
+            ids[b], mask[b] = ids[b].roll(T - s.shape[1]), mask[b].roll(T - s.shape[1])
+    logits = model(ids, attention_mask=mask, use_cache=False).logits
+    assert rel(logits[mask.bool()], torch.cat(alone)) < TOL
 
 
 @torch.no_grad()
