@@ -13,8 +13,8 @@ Pattern strings: comma-separated items, each a mixer name, `name*n` (n copies) o
 nest); spaces are ignored. The config stores the expanded list, so a saved config.json names every layer.
 
 Mixer names are those registered in `ipl_layers.models.registry` ("attn", "swa", "linear_attn", "gla",
-"deltanet", "gated_deltanet", "ttt_linear", "ttt_mlp", "titans", "lact", and any registered later); every one
-gets `hidden_size`, `num_heads` and its `layer_idx`, plus `mixer_kwargs[name]`. Feed-forwards: "swiglu"
+"deltanet", "gated_deltanet", "ttt_linear", "ttt_mlp", "titans", "lact", "mamba2", and any registered later);
+every one gets `hidden_size`, `num_heads` and its `layer_idx`, plus `mixer_kwargs[name]`. Feed-forwards: "swiglu"
 (width `intermediate_size`), "product_key" and "memory_plus" (`ipl_layers.layers.memory`); `ffn` may also be a
 plain name, used by every layer. Mistakes raise a ValueError naming the field, what was expected and what came.
 """

@@ -64,6 +64,7 @@ register_mixer("ttt_linear", _layer(layers.TTTLinear))
 register_mixer("ttt_mlp", _layer(layers.TTTMLP))
 register_mixer("titans", _layer(layers.TitansMemory))
 register_mixer("lact", _layer(layers.LaCT))
+register_mixer("mamba2", _layer(layers.Mamba2))
 
 register_ffn("swiglu", lambda config, **kwargs: SwiGLU(config.hidden_size, config.intermediate_size, **kwargs))
 register_ffn("product_key", lambda config, **kwargs: layers.ProductKeyMemory(config.hidden_size, **kwargs))

@@ -15,7 +15,7 @@ TOL = 1e-5  # relative RMS error between fp32 logits computed two ways (same wei
 VOCAB = 64
 # small chunks and windows, so that the prompts below cross chunk, mini-batch and window boundaries
 MIXER_KWARGS = {"ttt_linear": {"mini_batch_size": 4}, "ttt_mlp": {"mini_batch_size": 4},
-                "titans": {"chunk_size": 4}, "lact": {"chunk_size": 4, "window_size": 3}}
+                "titans": {"chunk_size": 4}, "lact": {"chunk_size": 4, "window_size": 3}, "mamba2": {"state_size": 8}}
 MEMORY = {"memory_layers": [1], "kwargs": {"memory_plus": {"num_heads": 2, "num_keys": 8, "topk": 2, "key_dim": 8},
                                            "product_key": {"num_heads": 2, "num_keys": 8, "topk": 2, "key_dim": 8}}}
 
@@ -34,7 +34,7 @@ def tiny(mixers, **kwargs):
 def test_every_registered_mixer_is_covered():
     """The per-mixer tests below run each registered name: a layer registered later joins them (kwargs here)."""
     assert set(MIXERS) == {"attn", "swa", "linear_attn", "gla", "deltanet", "gated_deltanet", "ttt_linear", "ttt_mlp",
-                           "titans", "lact"}
+                           "titans", "lact", "mamba2"}
 
 
 @pytest.mark.parametrize("mixer", sorted(MIXERS))
