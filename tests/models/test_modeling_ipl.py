@@ -104,6 +104,19 @@ def test_left_padded_batch_generate_equals_each_alone():
 
 
 @torch.no_grad()
+def test_sampling_and_beam_search_use_the_cache_right():
+    """Sampling with top_k=1 is greedy; beam search, which reorders the cache rows (`reorder_cache`), equals beam
+    search recomputing every step without a cache."""
+    model = tiny(["swa", "ttt_linear", "gated_deltanet"])
+    ids = torch.randint(1, VOCAB, (2, 6))
+    greedy = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=True, top_k=1, pad_token_id=0), greedy)
+    beams = {use_cache: model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0,
+                                       use_cache=use_cache) for use_cache in (True, False)}
+    assert torch.equal(beams[True], beams[False])
+
+
+@torch.no_grad()
 def test_save_load_and_auto_classes_bit_identical(tmp_path):
     model = tiny(["swa", "ttt_mlp", "lact"], tie_word_embeddings=False)
     x = torch.randint(0, VOCAB, (2, 9))
