@@ -163,6 +163,8 @@ class IPLForCausalLM(IPLPreTrainedModel, GenerationMixin):
     ) -> Union[CausalLMOutputWithPast, tuple]:
         """`labels` [B, T]: next-token cross-entropy (labels shifted inside; -100 ignored). `logits_to_keep`: the
         last positions to compute logits for (0: all), as `generate()` asks for 1 after the prefill."""
+        if labels is not None and logits_to_keep:
+            raise ValueError("IPLForCausalLM: labels need the logits of every position: pass logits_to_keep=0")
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                              inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_hidden_states=output_hidden_states, return_dict=True, **kwargs)

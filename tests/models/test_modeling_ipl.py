@@ -179,3 +179,5 @@ def test_model_input_errors():
         model()
     with pytest.raises(TypeError, match="cache: expected a FastWeightCache"):
         model(torch.zeros(1, 2, dtype=torch.long), cache={}, use_cache=True)
+    with pytest.raises(ValueError, match="labels need the logits of every position"):
+        model(torch.zeros(1, 2, dtype=torch.long), labels=torch.zeros(1, 2, dtype=torch.long), logits_to_keep=1)
