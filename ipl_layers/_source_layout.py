@@ -49,7 +49,9 @@ def _preload_installed_kernels(root: str):
 def install():
     """Puts the finder first on sys.meta_path when this package sits in a checkout holding kernels/ and models/."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not all(os.path.isfile(os.path.join(root, name, "__init__.py")) for name in MAPPED):
+    # a checkout has setup.py next to the folders; site-packages has none (and may hold someone else's `models`)
+    folders = [os.path.join(root, name, "__init__.py") for name in MAPPED]
+    if not os.path.isfile(os.path.join(root, "setup.py")) or not all(map(os.path.isfile, folders)):
         return
     if not any(isinstance(f, _SourceLayoutFinder) and f.root == root for f in sys.meta_path):
         sys.meta_path.insert(0, _SourceLayoutFinder(root))
