@@ -8,6 +8,7 @@ holds them per layer index so that they can be carried across calls (prefill, th
     o, _, cache = layer(x, use_cache=True, past_key_values=cache)   # the layer stores its states
     before = cache.snapshot()                                       # deep, detached copy
     o, _, cache = layer(y, use_cache=True, past_key_values=cache)   # learns from y
+    cache.update_norms(before)                                      # {layer: {state: ||now - before||}}
     cache.restore(before)                                           # roll the learning back
     cache.save("memory.safetensors"); FastWeightCache().load("memory.safetensors")
     cache.reset()                                                   # forget everything
@@ -243,6 +244,31 @@ class FastWeightCache:
             raise TypeError(f"restore: expected a FastWeightCache (from snapshot()), got {type(snapshot).__name__}")
         self._layers = snapshot.snapshot()._layers
         return self
+
+    def update_norms(self, snapshot: "FastWeightCache") -> Dict[int, Dict[str, Optional[float]]]:
+        """How far each layer's states moved since `snapshot`: {layer: {state: ||now - then||}}, the Frobenius norm
+        over the floating tensors of the state (counters and positions left out). A state absent from the snapshot
+        or whose shapes changed (a growing KV cache) reports None: there is nothing to subtract."""
+        if not isinstance(snapshot, FastWeightCache):
+            got = type(snapshot).__name__
+            raise TypeError(f"update_norms: expected a FastWeightCache (from snapshot()), got {got}")
+        norms: Dict[int, Dict[str, Optional[float]]] = {}
+        for i, layer in enumerate(self._layers):
+            then = snapshot._layers[i] if i < len(snapshot._layers) else {}
+            norms[i] = {}
+            for name, value in layer.items():
+                if name == "seen_tokens":
+                    continue
+                now_t = value if isinstance(value, tuple) else (value,)
+                old = then.get(name)
+                old_t = old if isinstance(old, tuple) else (old,)
+                if old is None or len(old_t) != len(now_t) or any(a.shape != b.shape for a, b in zip(now_t, old_t)):
+                    norms[i][name] = None
+                    continue
+                squares = [(a.detach().double() - b.detach().double().to(a.device)).pow(2).sum()
+                           for a, b in zip(now_t, old_t) if a.is_floating_point()]
+                norms[i][name] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+        return norms
 
     def reset(self) -> "FastWeightCache":
         """Forgets every state: the next call starts from scratch, as with a fresh cache."""

@@ -4,6 +4,7 @@ from ipl_layers.layers.conv import ShortConvolution
 from ipl_layers.layers.delta_rule import DeltaNet, GatedDeltaNet
 from ipl_layers.layers.lact import LaCT
 from ipl_layers.layers.linear_attention import GatedLinearAttention, LinearAttention
+from ipl_layers.layers.mamba2 import Mamba2
 from ipl_layers.layers.memory_attention import MemoryAttention
 from ipl_layers.layers.memory import MemoryPlus, ProductKeyMemory, memory_parameter_groups
 from ipl_layers.layers.memory_finetune import (
@@ -27,6 +28,7 @@ __all__ = [
     "GatedRMSNorm",
     "LaCT",
     "LinearAttention",
+    "Mamba2",
     "MemoryAttention",
     "MemoryPlus",
     "ProductKeyMemory",
