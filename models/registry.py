@@ -65,6 +65,9 @@ register_mixer("ttt_mlp", _layer(layers.TTTMLP))
 register_mixer("titans", _layer(layers.TitansMemory))
 register_mixer("lact", _layer(layers.LaCT))
 register_mixer("mamba2", _layer(layers.Mamba2))
+register_mixer("memory_attention", lambda config, layer_idx, **kwargs: layers.MemoryAttention(
+    **{"hidden_size": config.hidden_size, "num_heads": config.num_heads, "window_size": config.window_size, **kwargs},
+    layer_idx=layer_idx))
 
 register_ffn("swiglu", lambda config, **kwargs: SwiGLU(config.hidden_size, config.intermediate_size, **kwargs))
 register_ffn("product_key", lambda config, **kwargs: layers.ProductKeyMemory(config.hidden_size, **kwargs))

@@ -34,7 +34,7 @@ def tiny(mixers, **kwargs):
 def test_every_registered_mixer_is_covered():
     """The per-mixer tests below run each registered name: a layer registered later joins them (kwargs here)."""
     assert set(MIXERS) == {"attn", "swa", "linear_attn", "gla", "deltanet", "gated_deltanet", "ttt_linear", "ttt_mlp",
-                           "titans", "lact", "mamba2"}
+                           "titans", "lact", "mamba2", "memory_attention"}
 
 
 @pytest.mark.parametrize("mixer", sorted(MIXERS))
