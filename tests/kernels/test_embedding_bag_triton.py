@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from helpers import assert_rel_rms, rel_rms
 from ipl_layers.backend import resolve_backend
-from ipl_layers.kernels.memory import embedding_bag_bwd_weights
+from ipl_layers.kernels.memory import embedding_bag_bwd, embedding_bag_bwd_weights
 from ipl_layers.ops import embedding_bag, embedding_bag_reference, product_key_memory
 from ipl_layers.ops.embedding_bag import BACKENDS
 
@@ -111,12 +111,18 @@ def test_sparse_gradient_holds_only_the_touched_rows():
     assert grad.indices()[0].tolist() == sorted(set(indices.flatten().tolist()))
 
 
-def test_gradients_are_deterministic():
+def test_gradients_are_deterministic(monkeypatch):
     # 64 bags x 16 slots over 7 rows: runs of ~150 entries per row, rows in blocks of 4 of unequal length
     inputs = make_inputs((64,), 16, 7, 33)
     first = run(triton_bag, *inputs)
     assert all(torch.equal(x, y) for x, y in zip(run(triton_bag, *inputs), first))  # bitwise
     check(first, reference(*inputs))
+    # runs split into segments of at most 5 entries (two passes): as deterministic, the same dweights
+    monkeypatch.setattr(embedding_bag_bwd, "SEGMENT", 5)
+    split = run(triton_bag, *inputs)
+    assert all(torch.equal(x, y) for x, y in zip(run(triton_bag, *inputs), split))
+    assert torch.equal(split[0], first[0]) and torch.equal(split[1], first[1])
+    check(split, reference(*inputs))
 
 
 @settings(max_examples=25, deadline=None)
