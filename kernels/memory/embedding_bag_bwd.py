@@ -41,8 +41,8 @@ def embedding_bag_bwd_values_kernel(
     dout,  # [M, D]
     rows,  # [U] the touched rows, ascending
     order,  # [E] int64: entries sorted by row, stably
-    offsets,  # [U] int64: start of each row's run in `order`
-    per_row,  # [U, D] in the dtype of values: each touched row's gradient
+    offsets,  # [U] int64: start of each row's run (or segment of a run) in `order`
+    per_row,  # [U, D]: each touched row's gradient in the dtype of values (fp32 for segment partials)
     dw_part,  # [cdiv(D, BD), E] fp32: partial dweights per D block (HAS_DW)
     U,
     E,
@@ -105,6 +105,7 @@ def embedding_bag_bwd_weights_kernel(
 
 
 def _values_pass(w, values, dout, rows, order, offsets, per_row, dw_part, n):
+    """One launch of the values kernel over the runs starting at `offsets`; dweights' partials when dw_part."""
     U, (E,), D = offsets.shape[0], order.shape, per_row.shape[1]
     if U and D:
         BD = block_d(D)
