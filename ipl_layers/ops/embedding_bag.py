@@ -9,7 +9,8 @@ reverse index (the (b, j) sorted by row, stably: each row's contributions are su
 no atomics) and can be returned as a sparse row set (`sparse_grad=True`, as `nn.Embedding(sparse=True)`), so a
 dense [N, D] gradient never exists.
 
-This module holds the reference, the input checks, the torch path's autograd Function and the dispatch.
+This module holds the reference, the input checks, the torch and Triton paths' autograd Functions and the
+dispatch.
 """
 
 import math
@@ -22,7 +23,7 @@ from ipl_layers import _ext
 from ipl_layers._checks import FLOAT_DTYPES, _fmt
 from ipl_layers.backend import resolve_backend
 
-BACKENDS = ("reference", "torch", "cpp")
+BACKENDS = ("reference", "torch", "cpp", "triton")
 GATHER_BLOCK = 1 << 22  # elements of gathered rows at once in the weights' gradient ([bags, n, D] in blocks)
 
 
@@ -140,6 +141,38 @@ class EmbeddingBagFunction(torch.autograd.Function):
         return None, dw, dvalues, None, None
 
 
+class EmbeddingBagTritonFunction(torch.autograd.Function):
+    """The Triton path (kernels/memory/): the bag forward; backward over the same reverse index, the value
+    table's kernel also giving the weights' gradient when both are needed (one pass instead of two)."""
+
+    @staticmethod
+    def forward(ctx, idx, w, values, sparse_grad):
+        # idx [M, n] int32/int64, w [M, n], values [N, D]; all contiguous
+        from ipl_layers.kernels import memory as kern
+
+        ctx.save_for_backward(idx, w, values)
+        ctx.sparse_grad = sparse_grad
+        return kern.embedding_bag_fwd(idx, w, values)
+
+    @staticmethod
+    def backward(ctx, dout):
+        from ipl_layers.kernels import memory as kern
+
+        idx, w, values = ctx.saved_tensors
+        N, D = values.shape
+        dout = dout.contiguous()
+        dw = dvalues = None
+        if ctx.needs_input_grad[2]:
+            rows, order, offsets = reverse_index(idx.reshape(-1), idx.shape[1])
+            rows = rows.long()  # int32 indices give int32 rows; the table's gradient indexes with int64
+            per_row, dw = kern.embedding_bag_bwd_values(w.reshape(-1), values, dout, rows, order, offsets,
+                                                        with_dw=ctx.needs_input_grad[1])
+            dvalues = _table_grad(rows, per_row, N, D, ctx.sparse_grad)
+        elif ctx.needs_input_grad[1]:
+            dw = kern.embedding_bag_bwd_weights(idx, values, dout, w.dtype)
+        return None, None if dw is None else dw.to(w.dtype).view_as(w), dvalues, None
+
+
 def _table_grad(rows: torch.Tensor, per_row: torch.Tensor, N: int, D: int, sparse: bool) -> torch.Tensor:
     """The touched rows' gradients [U, D] (rows ascending, distinct) as the table's [N, D] gradient: sparse COO
     (coalesced by construction) or dense (written once per row: no accumulation)."""
@@ -165,9 +198,9 @@ def embedding_bag(
         sparse_grad: give `values` a sparse COO gradient holding only the rows touched (coalesced), as
             `nn.Embedding(sparse=True)` does: for tables too large for a dense gradient (use an optimizer that
             takes sparse gradients, e.g. `torch.optim.SparseAdam`).
-        backend: "torch" (CPU path), "cpp" (the C++ extension's OpenMP loops; CPU, computes in fp32) or
-            "reference". Default: `IPL_BACKEND`, else "torch" on CPU; CUDA tensors need an explicit backend until
-            the Triton kernels exist.
+        backend: "torch" (CPU path), "cpp" (the C++ extension's OpenMP loops; CPU, computes in fp32), "triton"
+            (the kernels of kernels/memory/; CUDA, or CPU under TRITON_INTERPRET=1) or "reference". Default:
+            `IPL_BACKEND`, else "triton" on CUDA and "torch" on CPU.
 
     Returns:
         [*, D] in the dtype of values (accumulated in fp32, float64 for float64 values).
@@ -182,6 +215,10 @@ def embedding_bag(
         if torch.float64 in (values.dtype, weights.dtype):
             raise ValueError("embedding_bag: backend 'cpp' computes in fp32; use backend='torch' for float64")
     M, n = math.prod(indices.shape[:-1]), indices.shape[-1]  # bags, rows per bag (either may be 0)
+    if name == "triton":
+        out = EmbeddingBagTritonFunction.apply(indices.reshape(M, n).contiguous(), weights.reshape(M, n).contiguous(),
+                                               values.contiguous(), sparse_grad)
+        return out.reshape(*indices.shape[:-1], values.shape[1])
     out = EmbeddingBagFunction.apply(indices.reshape(M, n).long(), weights.reshape(M, n), values, sparse_grad,
                                      name == "cpp")
     return out.reshape(*indices.shape[:-1], values.shape[1])

@@ -147,7 +147,9 @@ def product_key_memory(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     Args:
         query, keys, topk: as `product_key_topk`; values: [n^2, D] the value table shared by the heads.
         sparse_grad: a sparse gradient for `values` (see `embedding_bag`).
-        backend: for both steps, "torch" or "reference".
+        backend: "torch" or "reference" for both steps, or "triton": the bag read on the Triton kernels, the
+            search on the torch path (einsum and topk, on any device). Default: `IPL_BACKEND`, else "triton" on
+            CUDA and "torch" on CPU.
         values_group: the process group whose ranks each hold a column shard of the table: `values` is then this
             rank's [n^2, D_r] and the read is `sharded_embedding_bag`'s (None: `values` is the whole table).
     """
@@ -156,10 +158,11 @@ def product_key_memory(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     if values.shape[0] != n * n:
         raise ValueError(f"values: expected N = n^2 = {n * n} rows (n = {n} sub-keys per half), "
                          f"got {values.shape[0]}")
-    scores, slots = product_key_topk(query, keys, topk, backend=backend)
+    name = resolve_backend("product_key_memory", backend, query.device, BACKENDS + ("triton",))
+    scores, slots = product_key_topk(query, keys, topk, backend="torch" if name == "triton" else name)
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     weights = torch.softmax(scores, dim=-1, dtype=acc).to(scores.dtype)  # [*, H, k]
     if values_group is not None:
         return sharded_embedding_bag(slots.flatten(-2), weights.flatten(-2), values, group=values_group,
-                                     sparse_grad=sparse_grad, backend=backend)
-    return embedding_bag(slots.flatten(-2), weights.flatten(-2), values, sparse_grad=sparse_grad, backend=backend)
+                                     sparse_grad=sparse_grad, backend=name)
+    return embedding_bag(slots.flatten(-2), weights.flatten(-2), values, sparse_grad=sparse_grad, backend=name)
