@@ -4,9 +4,11 @@
     ipl-bench run OP... [--T 1024 4096] [--fwd | --fwdbwd] [--no-peers] [--out PATH]   # bench/run.py's loop
     ipl-bench report [PATH]                          # the latest results under bench/results/ as a table
     ipl-bench model OP... [--T 4096] [--B 8] [--H 16] [--D 64]   # modeled GPU cost: IO counts + roofline
+    ipl-bench launches [LAYER...] [--T 128 256]      # kernel launches per layer forward and backward
 
 `run` writes <out>.md and .json (bench/run.py) plus <out>.csv and <out>.png (time vs T, ours vs peers).
-`model` writes bench/results/model.md and .json. Runs from a source checkout: bench/ is not installed.
+`model` and `launches` write bench/results/model.md, launches.md and their .json.
+Runs from a source checkout: bench/ is not installed (ipl_layers/bench_cli.py says why).
 """
 
 import argparse
@@ -21,7 +23,7 @@ from registry import Shape, select
 from report import ROOT, markdown
 
 RESULTS = ROOT / "bench" / "results"
-NOT_RESULTS = ("compile_report", "model")  # files under bench/results/ that are not timing runs
+NOT_RESULTS = ("compile_report", "model", "launches")  # files under bench/results/ that are not timing runs
 CSV_FIELDS = ("case", "T", "pass", "impl", "role", "status", "median_s", "iqr_s", "calls", "peak_bytes",
               "speedup", "flops", "math")
 
@@ -39,8 +41,9 @@ def cmd_list(args):
 def cmd_run(args, extra):
     out = Path(args.out) if args.out else RESULTS / "run"
     passes = ["fwd"] if args.fwd else ["fwd+bwd"] if args.fwdbwd else list(bench_run.PASSES)
-    argv = ["--ops", *args.ops, "--out", str(out), "--passes", *passes] + (["--T", *map(str, args.T)] if args.T else [])
-    code = bench_run.main(argv + (["--no-peers"] if args.no_peers else []) + extra)
+    argv = ["--ops", *args.ops, "--out", str(out), "--passes", *passes] + extra
+    argv += (["--T", *map(str, args.T)] if args.T else []) + (["--no-peers"] if args.no_peers else [])
+    code = bench_run.main(argv)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     write_csv(rows, out.with_suffix(".csv"))
     plot(rows, out.with_suffix(".png"))
@@ -99,14 +102,27 @@ def cmd_model(args):
     from iomodel.report import model_table
 
     shape = Shape(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, chunk=args.chunk)
-    text, record = model_table(select(args.ops), shape)
+    write_model(*model_table(select(args.ops), shape), args.out or RESULTS / "model")
+    return 0
+
+
+def cmd_launches(args):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    from iomodel.launches import LAYERS
+    from iomodel.report import launches_table
+
+    text, record = launches_table(args.layers or LAYERS, args.T, args.hidden, args.heads)
+    write_model(text, record, args.out or RESULTS / "launches")
+    return 0
+
+
+def write_model(text, record, out):
     print(text)
-    out = Path(args.out) if args.out else RESULTS / "model"
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}.md and .json", file=sys.stderr)
-    return 0
 
 
 def parse_args(argv):
@@ -132,6 +148,12 @@ def parse_args(argv):
     m.add_argument("--D", type=int, default=64, help="K = V head dim")
     m.add_argument("--chunk", type=int, default=64)
     m.add_argument("--out", default=None, help="path without suffix (default bench/results/model)")
+    n = sub.add_parser("launches", help="kernel launches per layer forward and backward (Triton exact, torch approx.)")
+    n.add_argument("layers", nargs="*", help="layer class names (default: every layer with a Triton backend)")
+    n.add_argument("--T", type=int, nargs="+", default=[128, 256])
+    n.add_argument("--hidden", type=int, default=64)
+    n.add_argument("--heads", type=int, default=2)
+    n.add_argument("--out", default=None, help="path without suffix (default bench/results/launches)")
     return p.parse_known_args(argv)
 
 
@@ -141,7 +163,8 @@ def main(argv=None):
         return cmd_run(args, extra)
     if extra:
         raise SystemExit(f"ipl-bench {args.command}: unrecognized arguments {' '.join(extra)}")
-    return {"list": cmd_list, "report": cmd_report, "model": cmd_model}[args.command](args)
+    commands = {"list": cmd_list, "report": cmd_report, "model": cmd_model, "launches": cmd_launches}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from dataclasses import asdict
 
+from iomodel.launches import build_layer, layer_launches
 from iomodel.model import PASSES, model
 from iomodel.roofline import DEVICES, H100_SXM, roofline
 
@@ -49,3 +50,30 @@ def model_table(cases, shape):
     lines += ["", "minimum: inputs read once, outputs written once, plus the chunk states the two-pass algorithm "
               "writes and reads back (bench/iomodel/model.py); strict: without those states."]
     return "\n".join(lines) + "\n", {"shape": asdict(shape), "method": HEADER, "rows": rows}
+
+
+def launches_table(layers, lengths, hidden_size, num_heads):
+    """(markdown, record): launches per layer and pass at each length (a count that grows with T is a host loop)."""
+    import torch
+
+    lines = [f"# Kernel launches per layer call (hidden {hidden_size}, {num_heads} heads, backend=triton)", "",
+             "Triton launches are counted exactly under the interpreter; torch operators (dispatched aten operators "
+             "other than views and allocations, taken as one GPU kernel each) are an approximation.", "",
+             "| layer | pass | T | Triton launches | torch ops (approx.) | Triton kernels |",
+             "|---|---|---|---|---|---|"]
+    rows = []
+    for name in layers:
+        for T in lengths:
+            x = torch.randn(1, T, hidden_size, generator=torch.Generator().manual_seed(0))
+            try:
+                counts = layer_launches(build_layer(name, hidden_size, num_heads), x)
+            except Exception as e:  # a layer whose ops have no Triton path yet: a row that says why
+                rows.append({"layer": name, "T": T, "error": f"{type(e).__name__}: {e}"})
+                lines.append(f"| {name} | - | {T} | {rows[-1]['error'][:80].replace('|', '/')} | - | - |")
+                continue
+            for pass_name, c in counts.items():
+                rows.append({"layer": name, "pass": pass_name, "T": T, **c})
+                kernels = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in c["triton"].items())
+                lines.append(f"| {name} | {pass_name} | {T} | {sum(c['triton'].values())} | "
+                             f"{sum(c['torch_ops'].values())} | {kernels} |")
+    return "\n".join(lines) + "\n", {"hidden_size": hidden_size, "num_heads": num_heads, "rows": rows}
