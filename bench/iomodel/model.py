@@ -12,6 +12,7 @@ algorithm must write and read back (`PASSED_STATES`); `strict_min_bytes` leaves 
 kernel that keeps every state on chip would need).
 """
 
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
 
@@ -33,17 +34,17 @@ class Counts:
     unique_bytes: float  # each address once per launch and direction: a perfect cache
     flops: float  # tl.dot only
     launches: Dict[str, int] = field(default_factory=dict)  # kernel name -> launches (not scaled)
-
-    def minus(self, other: "Counts", times: int = 1) -> "Counts":
-        return Counts(self.bytes - times * other.bytes, self.unique_bytes - times * other.unique_bytes,
-                      self.flops - times * other.flops, self.launches)
+    traffic: Dict[str, float] = field(default_factory=dict)  # "kernel: argument direction" -> bytes
 
     def plus(self, other: "Counts", times: float = 1) -> "Counts":
+        """self + times * other (times = -1: the difference); launches are self's."""
+        keys = dict.fromkeys([*self.traffic, *other.traffic])
+        traffic = {k: self.traffic.get(k, 0) + times * other.traffic.get(k, 0) for k in keys}
         return Counts(self.bytes + times * other.bytes, self.unique_bytes + times * other.unique_bytes,
-                      self.flops + times * other.flops, self.launches)
+                      self.flops + times * other.flops, self.launches, traffic)
 
     def times(self, factor: float) -> "Counts":
-        return Counts(self.bytes * factor, self.unique_bytes * factor, self.flops * factor, self.launches)
+        return Counts(0, 0, 0, self.launches).plus(self, factor)
 
 
 def _bf16(inputs):
@@ -64,9 +65,12 @@ def count_pass(case, shape: Shape, pass_name: str) -> Counts:
             do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.dtype)
             with counting() as launches:
                 o.backward(do)
-    names = [launch.kernel for launch in launches]
+    names, traffic = [launch.kernel for launch in launches], defaultdict(float)
+    for launch in launches:
+        for (direction, arg), b in launch.bytes.items():
+            traffic[f"{launch.kernel}: {arg} {direction}"] += b
     return Counts(sum(x.total() for x in launches), sum(x.unique_bytes() for x in launches),
-                  sum(x.flops for x in launches), {n: names.count(n) for n in dict.fromkeys(names)})
+                  sum(x.flops for x in launches), {n: names.count(n) for n in dict.fromkeys(names)}, dict(traffic))
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class Model:
     pass_name: str
     shape: Shape  # the production shape projected to
     counts: Counts  # projected
+    per_chunk: Counts  # one chunk of one head: where the bytes go
     min_bytes: Optional[float]  # None: the op's passed states are not known (no entry in PASSED_STATES)
     strict_min_bytes: float
 
@@ -103,9 +108,7 @@ def model(case, pass_name: str, shape: Shape) -> Model:
     shape = replace(shape, chunk=case.chunk or shape.chunk)  # a case with its own chunk runs with it (run.py)
     small = replace(shape, B=1, H=1, T=2 * shape.chunk)
     two, three = count_pass(case, small, pass_name), count_pass(case, replace(small, T=3 * shape.chunk), pass_name)
-    per_chunk = three.minus(two)
-    fixed = two.minus(per_chunk, 2)
-    chunks = -(-shape.T // shape.chunk)
-    projected = fixed.plus(per_chunk, chunks).times(shape.B * shape.H)
-    return Model(case.name, pass_name, shape, Counts(projected.bytes, projected.unique_bytes, projected.flops,
-                                                    two.launches), *minimum_bytes(case, shape, pass_name, small))
+    per_chunk = three.plus(two, -1)
+    fixed = two.plus(per_chunk, -2)
+    projected = fixed.plus(per_chunk, -(-shape.T // shape.chunk)).times(shape.B * shape.H)
+    return Model(case.name, pass_name, shape, projected, per_chunk, *minimum_bytes(case, shape, pass_name, small))

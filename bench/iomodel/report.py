@@ -35,7 +35,8 @@ def model_table(cases, shape):
             c = m.counts
             times = {d.name: roofline(c.bytes, c.flops, d) for d in DEVICES}
             at_min = roofline(m.min_bytes or m.strict_min_bytes, c.flops, H100_SXM)
-            rows.append({"case": case.name, "pass": pass_name, "counts": asdict(c), "min_bytes": m.min_bytes,
+            rows.append({"case": case.name, "pass": pass_name, "counts": asdict(c),
+                         "per_chunk_and_head_bytes": m.per_chunk.traffic, "min_bytes": m.min_bytes,
                          "strict_min_bytes": m.strict_min_bytes, "io_efficiency": m.io_efficiency,
                          "strict_io_efficiency": m.strict_min_bytes / c.bytes,
                          "modeled_seconds": {n: {"seconds": t, "bound": b} for n, (t, b) in times.items()},
@@ -48,7 +49,14 @@ def model_table(cases, shape):
                 f"{eff} ({m.strict_min_bytes / c.bytes:.2f}) | {c.flops / 1e9:.2f} | {c.flops / c.bytes:.0f} | "
                 + " | ".join(f"{t * 1e6:.1f} ({b})" for t, b in times.values()) + f" | {at_min[0] * 1e6:.1f} |")
     lines += ["", "minimum: inputs read once, outputs written once, plus the chunk states the two-pass algorithm "
-              "writes and reads back (bench/iomodel/model.py); strict: without those states."]
+              "writes and reads back (bench/iomodel/model.py); strict: without those states.", "",
+              f"Where the bytes go: KB per chunk of {shape.chunk} tokens and head, by kernel and argument "
+              f"(K={shape.K}, V={shape.V}, bf16)", "",
+              "| case | pass | kernel: argument direction | KB |", "|---|---|---|---|"]
+    for r in rows:
+        for key, b in r.get("per_chunk_and_head_bytes", {}).items():
+            if b:
+                lines.append(f"| {r['case']} | {r['pass']} | {key} | {b / 1e3:.2f} |")
     return "\n".join(lines) + "\n", {"shape": asdict(shape), "method": HEADER, "rows": rows}
 
 
