@@ -1,6 +1,6 @@
 """The modeled GPU cost of a registered op: interpreter counts per chunk, scaled to a production shape.
 
-A case (bench/registry.py) is run through our Triton path at B = H = 1 and K = V = `dim`, in bf16 (the counter
+A case (bench/registry.py) is run through our Triton path at B = H = 1 and the target K, V, in bf16 (the counter
 counts traffic, not values, so the interpreter's wrong bf16 math does not matter), at two lengths of 2 and 3
 chunks. Their difference is the cost of one chunk, the rest a fixed cost; heads and sequences are independent
 programs, so a production shape costs B * H * (fixed + chunks * per chunk). Tests check that extrapolation
