@@ -93,6 +93,8 @@ setup(
         "bench": ["flash-linear-attention", "titans-pytorch", "product-key-memory", "matplotlib"],
         "gpu": ["flash-attn"],
     },
+    # runs bench/ipl_bench.py of the checkout an editable install points at (ipl_layers/bench_cli.py says why)
+    entry_points={"console_scripts": ["ipl-bench = ipl_layers.bench_cli:main"]},
     ext_modules=[ext] if ext is not None else [],
     cmdclass=cmdclass,
 )

@@ -39,6 +39,7 @@ def parse_args(argv):
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (demo 0.2, else 1.0)")
+    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES, help="default: both")
     args = p.parse_args(argv)
     args.T = args.T or ([1024] if args.demo else [1024, TARGET_T])
     args.out = Path(args.out) if args.out else ROOT / "bench" / "results" / ("demo" if args.demo else "cpu")
@@ -93,12 +94,16 @@ def _with_peak(fn, timing, always):
     return timing + ((peak_tensor_bytes(fn)[0] if always or timing[0] <= PROFILE_MAX_SECONDS else None),)
 
 
-def measure(fn, impl, inputs, min_run_time, always_profile=False):
+def measure(fn, impl, inputs, min_run_time, always_profile=False, passes=PASSES):
     """{pass: (median seconds, IQR seconds, timed calls, peak bytes or None)}: the forward, then forward+backward
-    with the gradients of every input (and of a layer's parameters)."""
+    with the gradients of every input (and of a layer's parameters); only the passes asked for."""
     args = prepared(impl, inputs, False)
     forward = lambda: fn(**args)  # noqa: E731
-    result = {"fwd": _with_peak(forward, median_seconds(forward, min_run_time), always_profile)}
+    result = {}
+    if "fwd" in passes:
+        result["fwd"] = _with_peak(forward, median_seconds(forward, min_run_time), always_profile)
+    if "fwd+bwd" not in passes:
+        return result
     o = forward()
     args = prepared(impl, inputs, True)
     # layers: their parameters' gradients too (a training step computes them)
@@ -149,19 +154,19 @@ def run_case(case, args, rows, failures):
             print(f"  {case.name} T={T}: {impl.label}", file=sys.stderr, flush=True)
             try:
                 always = any(i.goal is not None for i in case.impls)  # a memory target compares peaks
-                results[impl.label] = measure(fn, impl, inputs, args.min_run_time, always)
+                results[impl.label] = measure(fn, impl, inputs, args.min_run_time, always, args.passes)
             except Exception as e:  # a broken peer or op becomes a row, not a crash
                 results[impl.label] = f"error: {type(e).__name__}: {e}"
                 if impl.role == OURS:
                     failures.append(f"{case.name} T={T}: {results[impl.label]}")
-        rows += table_rows(case, shape, loaded, math, results)
+        rows += table_rows(case, shape, loaded, math, results, args.passes)
 
 
-def table_rows(case, shape, loaded, math, results):
+def table_rows(case, shape, loaded, math, results, passes=PASSES):
     """One row per pass and implementation, ours first within each pass."""
     ours = results[loaded[0][0].label]
     rows = []
-    for pass_name in PASSES:
+    for pass_name in passes:
         for impl, _, _ in loaded:
             got = results[impl.label]
             row = {"case": case.name, "T": shape.T, "pass": pass_name, "impl": impl.label, "role": impl.role,
