@@ -86,6 +86,22 @@ def delta_rule_step(
     return ext.delta_rule_step(q, k, v, beta, g, state, scale)
 
 
+def short_conv_step(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    state: torch.Tensor,
+    silu: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One short-conv decoding step on CPU (csrc/common/short_conv_step.h).
+
+    x [B, D]; weight [D, W]; bias None or [D]; state [B, D, W-1] (the last W-1 inputs, oldest first).
+    Returns (y [B, D] fp32, new_state [B, D, W-1] fp32) with y = act(bias + sum_w weight[:, w] [state, x][w])
+    and new_state the last W-1 inputs after x; `state` is left unchanged.
+    """
+    return _require().short_conv_step(x, weight, bias, state, silu)
+
+
 def embedding_bag_forward(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The weighted bag on CPU (csrc/common/embedding_bag.h): indices [M, n] int64, weights [M, n], values
     [N, D] -> out [M, D] fp32."""

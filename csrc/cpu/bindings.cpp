@@ -13,6 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One (gated) delta-rule decoding step: (o [B, H, V] fp32, new_state [B, H, K, V] fp32)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("beta"), py::arg("g"), py::arg("state"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("short_conv_step", &ipl::short_conv_step,
+        "One short-conv decoding step: (y [B, D] fp32, new_state [B, D, W-1] fp32)", py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("state"), py::arg("silu"), py::call_guard<py::gil_scoped_release>());
   m.def("embedding_bag_forward", &ipl::embedding_bag_forward, "Weighted embedding bag: out [M, D] fp32",
         py::arg("indices"), py::arg("weights"), py::arg("values"), py::call_guard<py::gil_scoped_release>());
   m.def("embedding_bag_backward", &ipl::embedding_bag_backward,

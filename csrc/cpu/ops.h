@@ -22,6 +22,13 @@ std::tuple<at::Tensor, at::Tensor> delta_rule_step(const at::Tensor& q, const at
                                                    const at::Tensor& beta, const std::optional<at::Tensor>& g,
                                                    const at::Tensor& state, double scale);
 
+// One decoding step of the short causal depthwise convolution; see csrc/common/short_conv_step.h for the math.
+// x [B, D]; weight [D, W]; bias None or [D]; state [B, D, W-1] (the last W-1 inputs, oldest first).
+// Returns (y [B, D] fp32, new_state [B, D, W-1] fp32), y through silu when `silu`; `state` is not modified.
+std::tuple<at::Tensor, at::Tensor> short_conv_step(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, const at::Tensor& state,
+                                                   bool silu);
+
 // The weighted embedding bag (csrc/common/embedding_bag.h): indices [M, n] int64, weights [M, n], values [N, D].
 // Returns out [M, D] fp32.
 at::Tensor embedding_bag_forward(const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& values);
