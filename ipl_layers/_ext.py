@@ -102,6 +102,21 @@ def short_conv_step(
     return _require().short_conv_step(x, weight, bias, state, silu)
 
 
+def ttt_linear_step(q, k, v, eta, ln_weight, ln_bias, scale, state, use_ln=True, use_residual=True, use_bias=True):
+    """One TTT-Linear decoding step on CPU (csrc/common/ttt_linear_step.h).
+
+    q, k, v [N, H, K]; eta [N, H]; ln_weight, ln_bias [H, K]; scale [H, C] the position scales; state a
+    `TTTLinearState` (W, sum_W [N, H, K, K], b, sum_b [N, H, K] (zeros without bias), position [N] int64).
+    Returns (o [N, H, K] fp32, the new `TTTLinearState` in fp32): the token's gradient joins the open mini-batch's
+    sums, committed into W, b at its end; the input state is left unchanged.
+    """
+    from ipl_layers.state import TTTLinearState
+
+    outs = _require().ttt_linear_step(q, k, v, eta, ln_weight, ln_bias, scale, *state, use_ln, use_residual,
+                                      use_bias)
+    return outs[0], TTTLinearState(*outs[1:])
+
+
 def embedding_bag_forward(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The weighted bag on CPU (csrc/common/embedding_bag.h): indices [M, n] int64, weights [M, n], values
     [N, D] -> out [M, D] fp32."""
