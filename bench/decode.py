@@ -5,9 +5,10 @@ step against eager torch (the same call with the extension switched off) side by
     python bench/decode.py --batch 1 --K 8 --min-run-time 0.01  # smoke
 
 Per case: median seconds per step, one token of each of the B sequences (`torch.utils.benchmark`), tokens/s
-(B / median) and the eager/fused ratio; the fused output is checked against the eager one first. Layers decode with a cache after
-a short prefill, under no_grad (what `generate()` does). Writes a markdown table and JSON; the issue's target
-(the fused path >= 5x faster than eager torch per layer at B = 1) is reported as met or NOT met.
+(B / median) and the eager/fused ratio; the fused output is checked against the eager one first. Layers
+decode with a cache after a short prefill, under no_grad (what `generate()` does). Writes a markdown table
+and JSON; the issue's target (the fused path >= 5x faster than eager torch per layer at B = 1) is reported
+as met or NOT met.
 """
 
 import argparse
