@@ -21,6 +21,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("v"), py::arg("eta"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("scale"),
         py::arg("W"), py::arg("b"), py::arg("sum_W"), py::arg("sum_b"), py::arg("position"), py::arg("use_ln"),
         py::arg("use_residual"), py::arg("use_bias"), py::call_guard<py::gil_scoped_release>());
+  m.def("titans_step", &ipl::titans_step,
+        "One Titans-memory decoding step: [o [N, H, V] fp32, start..., momentum..., weights... (fp32), position]",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("theta"), py::arg("eta"), py::arg("alpha"),
+        py::arg("ln_weight"), py::arg("ln_bias"), py::arg("start"), py::arg("momentum"), py::arg("weights"),
+        py::arg("position"), py::arg("C"), py::arg("use_ln"), py::arg("use_residual"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("embedding_bag_forward", &ipl::embedding_bag_forward, "Weighted embedding bag: out [M, D] fp32",
         py::arg("indices"), py::arg("weights"), py::arg("values"), py::call_guard<py::gil_scoped_release>());
   m.def("embedding_bag_backward", &ipl::embedding_bag_backward,

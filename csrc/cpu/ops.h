@@ -40,6 +40,18 @@ std::vector<at::Tensor> ttt_linear_step(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& sum_W, const at::Tensor& sum_b, const at::Tensor& position,
                                         bool use_ln, bool use_residual, bool use_bias);
 
+// One decoding step of the Titans memory (an MLP of depth L); see csrc/common/titans_step.h for the math.
+// q, k [N, H, K]; v [N, H, V]; theta, eta, alpha [N, H]; ln_weight, ln_bias [H, V]; start, momentum, weights:
+// L matrices [N, H, d_l, d_{l+1}] each (d_0 = K, d_L = V); position [N] int64 in [0, C).
+// Returns {o [N, H, V] fp32, start'..., momentum'..., weights'... (fp32), position' = (position + 1) % C}; no
+// input is modified.
+std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha,
+                                    const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                                    const std::vector<at::Tensor>& start, const std::vector<at::Tensor>& momentum,
+                                    const std::vector<at::Tensor>& weights, const at::Tensor& position, int64_t C,
+                                    bool use_ln, bool use_residual);
+
 // The weighted embedding bag (csrc/common/embedding_bag.h): indices [M, n] int64, weights [M, n], values [N, D].
 // Returns out [M, D] fp32.
 at::Tensor embedding_bag_forward(const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& values);
