@@ -13,7 +13,6 @@ as met or NOT met.
 
 import argparse
 import contextlib
-import copy
 import datetime
 import json
 import os
@@ -27,13 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_seconds  # noqa: E402
 
 from ipl_layers import _ext  # noqa: E402
-from ipl_layers.layers import DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearAttention, TTTLinear  # noqa: E402
-from ipl_layers.ops import delta_rule, linear_attention, short_conv, ttt_linear  # noqa: E402
+from ipl_layers.layers import (  # noqa: E402
+    DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearAttention, TitansMemory, TTTLinear,
+)
+from ipl_layers.ops import delta_rule, linear_attention, short_conv, titans_memory, ttt_linear  # noqa: E402
 from ipl_layers.state import TTTLinearState  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "decode"
 TARGET = 5.0  # the target: fused >= 5x eager torch per layer at B = 1
 CONV_WIDTH, MINI_BATCH, PREFILL = 4, 16, 5
+TITANS_DEPTH, TITANS_EXPAND, TITANS_CHUNK = 2, 4, 64  # the TitansMemory layer's defaults
 
 
 def parse_args(argv):
@@ -69,6 +71,9 @@ def op_cases(B, H, K):
     eta = 0.01 * torch.rand(B, 1, H)
     ttt_state = TTTLinearState(0.02 * torch.randn(B, H, K, K), torch.zeros(B, H, K), 0.01 * torch.randn(B, H, K, K),
                                torch.zeros(B, H, K), torch.full((B,), 3, dtype=torch.long))
+    F_ = TITANS_EXPAND * K
+    titans_weights = (torch.randn(B, H, K, F_) / K**0.5, torch.randn(B, H, F_, K) / F_**0.5)  # [B, H, d_l, d_l+1]
+    theta, alpha = 0.01 * torch.rand(B, 1, H), 0.01 * torch.rand(B, 1, H)
     la = dict(initial_state=S, output_final_state=True, backend="torch")
     return [
         ("linear_attention g=none", lambda: linear_attention(q, k, v, **la)[0]),
@@ -80,6 +85,9 @@ def op_cases(B, H, K):
                                                      output_final_state=True, backend="torch")[0]),
         ("ttt_linear b=16", lambda: ttt_linear(q, k, v, eta, mini_batch_size=MINI_BATCH, initial_state=ttt_state,
                                               output_final_state=True, backend="torch")[0]),
+        (f"titans_memory depth={TITANS_DEPTH}", lambda: titans_memory(
+            q, k, v, theta, beta, alpha, chunk_size=TITANS_CHUNK, initial_state=titans_weights,
+            output_final_state=True, backend="torch")[0]),
     ]
 
 
@@ -95,6 +103,7 @@ def layer_cases(B, H, K):
         ("GatedDeltaNet (short conv)", GatedDeltaNet(**dims)),
         ("TTTLinear b=16", TTTLinear(hidden_size=hidden, num_heads=H, mini_batch_size=MINI_BATCH, layer_idx=0,
                                        backend="torch")),
+        ("TitansMemory (short conv)", TitansMemory(hidden_size=hidden, num_heads=H, layer_idx=0, backend="torch")),
     ]
     cases = []
     for name, layer in layers:
@@ -104,7 +113,7 @@ def layer_cases(B, H, K):
         x = torch.randn(B, 1, hidden)
 
         def step(lyr=layer, c=cache, x=x, fresh=False):  # fresh: from a copy of the cache, to compare outputs
-            return lyr(x, past_key_values=copy.deepcopy(c) if fresh else c, use_cache=True)[0]
+            return lyr(x, past_key_values=c.snapshot() if fresh else c, use_cache=True)[0]
 
         cases.append((name, step, lambda step=step: step(fresh=True)))
     return cases

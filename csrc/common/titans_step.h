@@ -64,6 +64,9 @@ IPL_HOST_DEVICE void titans_update_columns(const float* x, const float* d, float
   for (int i = 0; i < d_in; ++i) {
     const float txi = theta * x[i];
     const long long row = static_cast<long long>(i) * d_out + j0;
+#ifndef __CUDACC__
+#pragma GCC ivdep  // an output aliases at most its own input at the same index: the tile vectorizes
+#endif
     for (int c = 0; c < width; ++c) {
       const float S = eta * S_in[row + c] - txi * d[j0 + c];
       const float M = (1.0f - alpha) * M_in[row + c] + S;

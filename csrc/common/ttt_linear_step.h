@@ -90,6 +90,9 @@ IPL_HOST_DEVICE void ttt_linear_update_columns(const float* q, const float* k, f
   for (int i = 0; i < K; ++i) {
     const float ki = k[i], qi = q[i];
     const long long row = static_cast<long long>(i) * K + j0;
+#ifndef __CUDACC__
+#pragma GCC ivdep  // an output aliases at most its own input at the same index: the tile vectorizes
+#endif
     for (int c = 0; c < width; ++c) {
       const float S = S_in[row + c] + ki * grad[c];
       const float Wn = W_in[row + c] - s * S;  // the weights in effect after this token
