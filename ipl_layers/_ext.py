@@ -86,6 +86,51 @@ def delta_rule_step(
     return ext.delta_rule_step(q, k, v, beta, g, state, scale)
 
 
+def short_conv_step(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    state: torch.Tensor,
+    silu: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One short-conv decoding step on CPU (csrc/common/short_conv_step.h).
+
+    x [B, D]; weight [D, W]; bias None or [D]; state [B, D, W-1] (the last W-1 inputs, oldest first).
+    Returns (y [B, D] fp32, new_state [B, D, W-1] fp32) with y = act(bias + sum_w weight[:, w] [state, x][w])
+    and new_state the last W-1 inputs after x; `state` is left unchanged.
+    """
+    return _require().short_conv_step(x, weight, bias, state, silu)
+
+
+def ttt_linear_step(q, k, v, eta, ln_weight, ln_bias, scale, state, use_ln=True, use_residual=True, use_bias=True):
+    """One TTT-Linear decoding step on CPU (csrc/common/ttt_linear_step.h).
+
+    q, k, v [N, H, K]; eta [N, H]; ln_weight, ln_bias [H, K]; scale [H, C] the position scales; state a
+    `TTTLinearState` (W, sum_W [N, H, K, K], b, sum_b [N, H, K] (zeros without bias), position [N] int64).
+    Returns (o [N, H, K] fp32, the new `TTTLinearState` in fp32): the token's gradient joins the open mini-batch's
+    sums, committed into W, b at its end; the input state is left unchanged.
+    """
+    from ipl_layers.state import TTTLinearState
+
+    outs = _require().ttt_linear_step(q, k, v, eta, ln_weight, ln_bias, scale, *state, use_ln, use_residual,
+                                      use_bias)
+    return outs[0], TTTLinearState(*outs[1:])
+
+
+def titans_step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, state, C, use_ln=True, use_residual=True):
+    """One Titans-memory decoding step on CPU (csrc/common/titans_step.h).
+
+    q, k [N, H, K]; v [N, H, V]; theta, eta, alpha [N, H]; ln_weight, ln_bias [H, V]; state (start, momentum,
+    weights, position): three lists of L matrices [N, H, d_l, d_{l+1}] and position [N] int64 in [0, C).
+    Returns (o [N, H, V] fp32, the next (start, momentum, weights, position), fp32); the state is left unchanged.
+    """
+    start, momentum, weights, position = state
+    outs = _require().titans_step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, list(start), list(momentum),
+                                  list(weights), position, C, use_ln, use_residual)
+    L = len(start)
+    return outs[0], (outs[1:1 + L], outs[1 + L:1 + 2 * L], outs[1 + 2 * L:1 + 3 * L], outs[-1])
+
+
 def embedding_bag_forward(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The weighted bag on CPU (csrc/common/embedding_bag.h): indices [M, n] int64, weights [M, n], values
     [N, D] -> out [M, D] fp32."""

@@ -13,6 +13,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One (gated) delta-rule decoding step: (o [B, H, V] fp32, new_state [B, H, K, V] fp32)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("beta"), py::arg("g"), py::arg("state"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("short_conv_step", &ipl::short_conv_step,
+        "One short-conv decoding step: (y [B, D] fp32, new_state [B, D, W-1] fp32)", py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("state"), py::arg("silu"), py::call_guard<py::gil_scoped_release>());
+  m.def("ttt_linear_step", &ipl::ttt_linear_step,
+        "One TTT-Linear decoding step: [o [N, H, K] fp32, W, b, sum_W, sum_b (fp32), position]", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("eta"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("scale"),
+        py::arg("W"), py::arg("b"), py::arg("sum_W"), py::arg("sum_b"), py::arg("position"), py::arg("use_ln"),
+        py::arg("use_residual"), py::arg("use_bias"), py::call_guard<py::gil_scoped_release>());
+  m.def("titans_step", &ipl::titans_step,
+        "One Titans-memory decoding step: [o [N, H, V] fp32, start..., momentum..., weights... (fp32), position]",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("theta"), py::arg("eta"), py::arg("alpha"),
+        py::arg("ln_weight"), py::arg("ln_bias"), py::arg("start"), py::arg("momentum"), py::arg("weights"),
+        py::arg("position"), py::arg("C"), py::arg("use_ln"), py::arg("use_residual"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("embedding_bag_forward", &ipl::embedding_bag_forward, "Weighted embedding bag: out [M, D] fp32",
         py::arg("indices"), py::arg("weights"), py::arg("values"), py::call_guard<py::gil_scoped_release>());
   m.def("embedding_bag_backward", &ipl::embedding_bag_backward,

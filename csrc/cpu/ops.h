@@ -3,6 +3,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -21,6 +22,35 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_step(const at::Tensor& q, co
 std::tuple<at::Tensor, at::Tensor> delta_rule_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& beta, const std::optional<at::Tensor>& g,
                                                    const at::Tensor& state, double scale);
+
+// One decoding step of the short causal depthwise convolution; see csrc/common/short_conv_step.h for the math.
+// x [B, D]; weight [D, W]; bias None or [D]; state [B, D, W-1] (the last W-1 inputs, oldest first).
+// Returns (y [B, D] fp32, new_state [B, D, W-1] fp32), y through silu when `silu`; `state` is not modified.
+std::tuple<at::Tensor, at::Tensor> short_conv_step(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, const at::Tensor& state,
+                                                   bool silu);
+
+// One decoding step of TTT-Linear; see csrc/common/ttt_linear_step.h for the math.
+// q, k, v [N, H, K]; eta [N, H]; ln_weight, ln_bias [H, K]; scale [H, C] (the position scales s_1..s_C);
+// the open mini-batch's state W, sum_W [N, H, K, K], b, sum_b [N, H, K] and position [N] int64 in [0, C).
+// Returns {o [N, H, K] fp32, W', b', sum_W', sum_b' (fp32), position' = (position + 1) % C}; no input is modified.
+std::vector<at::Tensor> ttt_linear_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& eta, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                                        const at::Tensor& scale, const at::Tensor& W, const at::Tensor& b,
+                                        const at::Tensor& sum_W, const at::Tensor& sum_b, const at::Tensor& position,
+                                        bool use_ln, bool use_residual, bool use_bias);
+
+// One decoding step of the Titans memory (an MLP of depth L); see csrc/common/titans_step.h for the math.
+// q, k [N, H, K]; v [N, H, V]; theta, eta, alpha [N, H]; ln_weight, ln_bias [H, V]; start, momentum, weights:
+// L matrices [N, H, d_l, d_{l+1}] each (d_0 = K, d_L = V); position [N] int64 in [0, C).
+// Returns {o [N, H, V] fp32, start'..., momentum'..., weights'... (fp32), position' = (position + 1) % C}; no
+// input is modified.
+std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& theta, const at::Tensor& eta, const at::Tensor& alpha,
+                                    const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                                    const std::vector<at::Tensor>& start, const std::vector<at::Tensor>& momentum,
+                                    const std::vector<at::Tensor>& weights, const at::Tensor& position, int64_t C,
+                                    bool use_ln, bool use_residual);
 
 // The weighted embedding bag (csrc/common/embedding_bag.h): indices [M, n] int64, weights [M, n], values [N, D].
 // Returns out [M, D] fp32.

@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ipl_layers import _ext
 from ipl_layers._checks import check_cu_seqlens, check_shape, check_tensor, sequence_spans
 from ipl_layers.backend import resolve_backend
 
@@ -186,7 +187,8 @@ def short_conv(
         output_final_state: also return the last W-1 inputs of each sequence, [N, D, W-1] (fp32,
             float64 for float64 inputs).
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
-        backend: "torch" (a tap loop, the CPU path), "triton" (forward/backward kernels, the fused
+        backend: "torch" (a tap loop, the CPU path; one token with a state and no autograd runs the
+            fused C++ step of `ipl_layers._C` when it is built), "triton" (forward/backward kernels, the fused
             decode kernel for T == 1 with a state), or "reference".
             Default: `IPL_BACKEND`, else "triton" on CUDA and "torch" elsewhere.
 
@@ -201,5 +203,8 @@ def short_conv(
             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
     if name == "torch":
+        if _ext.step_applies(x, initial_state, cu_seqlens, weight, bias):  # decoding: the fused C++ step
+            y, final = _ext.short_conv_step(x[:, 0], weight, bias, initial_state, activation == "silu")
+            return y[:, None].to(x.dtype), (final if output_final_state else None)
         return _short_conv_torch(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
     return ShortConvTritonFunction.apply(x, weight, bias, initial_state, cu_seqlens, activation, output_final_state)

@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ipl_layers import _ext
 from ipl_layers._checks import (check_cu_seqlens, check_positive_int, check_qkv, check_shape, check_tensor,
                                  sequence_spans)
 from ipl_layers.backend import resolve_backend
@@ -215,8 +216,9 @@ def titans_memory(
             float64 inputs).
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
         use_ln, use_residual: the wrapper x + LN(MLP(x)) (the residual needs V == K).
-        backend: "torch" (the chunked form, the CPU path) or "reference". Default: `IPL_BACKEND`, else "torch"
-            on CPU; CUDA tensors need an explicit backend until the Triton kernels exist.
+        backend: "torch" (the chunked form, the CPU path; one token per sequence without autograd runs the
+            fused C++ step of `ipl_layers._C` when it is built) or "reference". Default: `IPL_BACKEND`, else
+            "torch" on CPU; CUDA tensors need an explicit backend until the Triton kernels exist.
 
     Returns:
         o: [B, T, H, V] in the dtype of v; final_state: None or a `TitansState`.
@@ -232,10 +234,13 @@ def titans_memory(
         )
     C = chunk_size
     if q.shape[1] == 1 and cu_seqlens is None:  # decoding: one token per sequence, no [C, C] grids
-        o, (start, momentum, weights, position) = chunk.step(
-            q[:, 0], k[:, 0], v[:, 0], theta[:, 0], eta[:, 0], alpha[:, 0], *_ln_params(q, v, ln_weight, ln_bias),
-            (init.start, init.momentum, init.weights, init.position), C, use_ln, use_residual,
-        )
+        state, ln = (init.start, init.momentum, init.weights, init.position), _ln_params(q, v, ln_weight, ln_bias)
+        tokens = (q[:, 0], k[:, 0], v[:, 0], theta[:, 0], eta[:, 0], alpha[:, 0])
+        if _ext.step_applies(q, init.weights[0], None, k, v, theta, eta, alpha, *ln, *init[:-1]):
+            o, (start, momentum, weights, position) = _ext.titans_step(*tokens, *ln, state, C, use_ln, use_residual)
+            o = o.to(v.dtype)  # the fused C++ step (fp32) on CPU without autograd
+        else:
+            o, (start, momentum, weights, position) = chunk.step(*tokens, *ln, state, C, use_ln, use_residual)
         return o[:, None], (TitansState.of(start, momentum, weights, position) if output_final_state else None)
     lengths = torch.diff(cu_seqlens.long()) if cu_seqlens is not None else init.position.new_full((N,), q.shape[1])
     ends = init.position + lengths.to(init.position.device)  # [N]: positions covered in the padded grid

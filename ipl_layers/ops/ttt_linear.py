@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from ipl_layers import _ext
 from ipl_layers._checks import (
     check_cu_seqlens, check_positive_int, check_qkv, check_shape, check_tensor, sequence_spans,
 )
@@ -246,6 +247,16 @@ def _decode_step(q, k, v, eta, gamma, beta, scale, init, flags):
     return o, state
 
 
+def _cpu_decode_step(q, k, v, eta, gamma, beta, scale, init, flags):
+    """One token per sequence through the C++ step; returns o [N, 1, H, K] and the new `TTTLinearState`
+    (b, sum_b zeros without bias, as the op's final state)."""
+    zeros = init.W.new_zeros(init.W.shape[:-1], dtype=torch.float32)  # [N, H, K]
+    state = TTTLinearState(init.W, zeros if init.b is None else init.b, init.sum_W,
+                           zeros if init.sum_b is None else init.sum_b, init.position)
+    o, final = _ext.ttt_linear_step(q[:, 0], k[:, 0], v[:, 0], eta[:, 0], gamma, beta, scale, state, **flags)
+    return o[:, None].to(v.dtype), final
+
+
 def ttt_linear(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -280,7 +291,8 @@ def ttt_linear(
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
         use_ln, use_residual, use_bias: the inner model's LN, residual connection and bias.
-        backend: "torch" (dual form, the CPU path), "triton" (the kernels: mini_batch_size in {16, 32, 64},
+        backend: "torch" (dual form, the CPU path; one token per sequence without autograd runs the fused C++
+            step of `ipl_layers._C` when it is built), "triton" (the kernels: mini_batch_size in {16, 32, 64},
             K <= 64; one token per sequence without autograd runs the fused decode kernel) or "reference".
             Default: `IPL_BACKEND`, else "triton" on CUDA where the kernels cover the sizes, else "torch".
 
@@ -307,6 +319,9 @@ def ttt_linear(
     ends = init.position + lengths.to(init.position.device)  # [N]: mini-batch positions covered
     inputs = (q, k, v, eta, gamma, beta, scale, *init[:4])
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    if name == "torch" and _ext.step_applies(q, init.W, cu_seqlens, *inputs):  # decoding: the fused C++ step
+        o, final = _cpu_decode_step(q, k, v, eta, gamma, beta, scale, init, flags)
+        return o, (final if output_final_state else None)
     if name == "triton":
         if not _triton_supports(C, K):
             raise ValueError(f"ttt_linear: backend 'triton' covers mini_batch_size in (16, 32, 64) and K <= 64, "

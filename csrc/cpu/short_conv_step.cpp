@@ -1,0 +1,64 @@
+// CPU short-conv decoding step: checks, fp32 staging, and a parallel loop over (sequence, channel).
+// Arithmetic: csrc/common/short_conv_step.h.
+#include <ATen/Parallel.h>
+
+#include "common/short_conv_step.h"
+#include "cpu/ops.h"
+
+namespace ipl {
+namespace {
+
+constexpr const char* kOp = "short_conv_step";
+constexpr int64_t kGrain = 1024;  // channels per task: one channel is ~W fused multiply-adds, too little alone
+
+void check_float_cpu(const char* name, const at::Tensor& x, int64_t dim, at::IntArrayRef expected, const char* dims) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), kOp, ": ", name, ": expected a CPU tensor, got device ", x.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), kOp, ": ", name,
+                   ": expected a floating dtype (float16/bfloat16/float32/float64), got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == dim, kOp, ": ", name, ": expected ", dim, "-D [", dims, "], got ", x.dim(),
+                    "-D with shape ", x.sizes());
+  if (!expected.empty()) {
+    TORCH_CHECK_VALUE(x.sizes() == expected, kOp, ": ", name, ": expected shape [", dims, "] = ", expected,
+                      ", got ", x.sizes());
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> short_conv_step(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, const at::Tensor& state,
+                                                   bool silu) {
+  check_float_cpu("x", x, 2, {}, "B, D");
+  check_float_cpu("weight", weight, 2, {}, "D, W");
+  const int64_t B = x.size(0), D = x.size(1), W = weight.size(1);
+  TORCH_CHECK_VALUE(weight.size(0) == D && W >= 1, kOp, ": weight: expected shape [D, W] with D = ", D,
+                    " and W >= 1, got ", weight.sizes());
+  check_float_cpu("state", state, 3, {B, D, W - 1}, "B, D, W-1");
+  at::Tensor bias32;  // [D] fp32, undefined without a bias
+  if (bias.has_value()) {
+    check_float_cpu("bias", *bias, 1, {D}, "D");
+    bias32 = bias->to(at::kFloat).contiguous();
+  }
+  // fp32 contiguous copies (none when already so): the shared arithmetic reads raw fp32 rows
+  const at::Tensor x32 = x.to(at::kFloat).contiguous(), w32 = weight.to(at::kFloat).contiguous();
+  const at::Tensor h_in = state.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({B, D}, x.options().dtype(at::kFloat));              // [B, D]
+  at::Tensor h_out = at::empty({B, D, W - 1}, x.options().dtype(at::kFloat));   // [B, D, W-1]
+  const float* xp = x32.data_ptr<float>();
+  const float* wp = w32.data_ptr<float>();
+  const float* bp = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  const float* hp = h_in.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* hop = h_out.data_ptr<float>();
+  const int Wi = static_cast<int>(W);
+  at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t bd = begin; bd < end; ++bd) {
+      const int64_t d = bd % D;
+      yp[bd] = short_conv_step_channel(xp[bd], wp + d * W, bp ? bp[d] : 0.0f, hp + bd * (W - 1),
+                                       hop + bd * (W - 1), Wi, silu);
+    }
+  });
+  return {y, h_out};
+}
+
+}  // namespace ipl

@@ -1,0 +1,122 @@
+// CPU TTT-Linear decoding step: checks, fp32 staging, and a parallel loop over (sequence, head).
+// Arithmetic: csrc/common/ttt_linear_step.h.
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common/ttt_linear_step.h"
+#include "cpu/ops.h"
+
+namespace ipl {
+namespace {
+
+constexpr int kTile = 16;  // columns per call of the shared tile functions (fp32 accumulators in registers)
+constexpr const char* kOp = "ttt_linear_step";
+
+void check_float_cpu(const char* name, const at::Tensor& x, int64_t dim, at::IntArrayRef expected, const char* dims) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), kOp, ": ", name, ": expected a CPU tensor, got device ", x.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), kOp, ": ", name,
+                   ": expected a floating dtype (float16/bfloat16/float32/float64), got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == dim, kOp, ": ", name, ": expected ", dim, "-D [", dims, "], got ", x.dim(),
+                    "-D with shape ", x.sizes());
+  if (!expected.empty()) {
+    TORCH_CHECK_VALUE(x.sizes() == expected, kOp, ": ", name, ": expected shape [", dims, "] = ", expected,
+                      ", got ", x.sizes());
+  }
+}
+
+at::Tensor f32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+
+}  // namespace
+
+std::vector<at::Tensor> ttt_linear_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& eta, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                                        const at::Tensor& scale, const at::Tensor& W, const at::Tensor& b,
+                                        const at::Tensor& sum_W, const at::Tensor& sum_b, const at::Tensor& position,
+                                        bool use_ln, bool use_residual, bool use_bias) {
+  check_float_cpu("q", q, 3, {}, "N, H, K");
+  const int64_t N = q.size(0), H = q.size(1), K = q.size(2);
+  check_float_cpu("k", k, 3, {N, H, K}, "N, H, K");
+  check_float_cpu("v", v, 3, {N, H, K}, "N, H, K");
+  check_float_cpu("eta", eta, 2, {N, H}, "N, H");
+  check_float_cpu("ln_weight", ln_weight, 2, {H, K}, "H, K");
+  check_float_cpu("ln_bias", ln_bias, 2, {H, K}, "H, K");
+  check_float_cpu("scale", scale, 2, {}, "H, C");
+  const int64_t C = scale.size(1);
+  TORCH_CHECK_VALUE(scale.size(0) == H && C >= 1, kOp, ": scale: expected shape [H, C] with H = ", H,
+                    " and C >= 1, got ", scale.sizes());
+  check_float_cpu("W", W, 4, {N, H, K, K}, "N, H, K, K");
+  check_float_cpu("b", b, 3, {N, H, K}, "N, H, K");
+  check_float_cpu("sum_W", sum_W, 4, {N, H, K, K}, "N, H, K, K");
+  check_float_cpu("sum_b", sum_b, 3, {N, H, K}, "N, H, K");
+  TORCH_CHECK_TYPE(position.scalar_type() == at::kLong, kOp, ": position: expected int64, got ",
+                   position.scalar_type());
+  TORCH_CHECK_VALUE(position.dim() == 1 && position.size(0) == N, kOp, ": position: expected shape [N] = [", N,
+                    "], got ", position.sizes());
+  const at::Tensor pos = position.contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_VALUE(pp[n] >= 0 && pp[n] < C, kOp, ": position: expected values in [0, C = ", C, "), got ", pp[n],
+                      " at sequence ", n);
+  }
+  // fp32 contiguous copies (none when already so): the shared arithmetic reads raw fp32 rows
+  const at::Tensor q32 = f32(q), k32 = f32(k), v32 = f32(v), e32 = f32(eta), g32 = f32(ln_weight);
+  const at::Tensor be32 = f32(ln_bias), s32 = f32(scale), W32 = f32(W), b32 = f32(b), S32 = f32(sum_W);
+  const at::Tensor sb32 = f32(sum_b);
+  const auto opts = q.options().dtype(at::kFloat);
+  at::Tensor o = at::empty({N, H, K}, opts);               // [N, H, K]
+  at::Tensor W_out = at::empty({N, H, K, K}, opts);        // [N, H, K, K]
+  at::Tensor S_out = at::empty({N, H, K, K}, opts);        // [N, H, K, K]
+  at::Tensor b_out = b32.clone(), sb_out = sb32.clone();  // [N, H, K]: unchanged without bias
+  const float *qp = q32.data_ptr<float>(), *kp = k32.data_ptr<float>(), *vp = v32.data_ptr<float>();
+  const float *ep = e32.data_ptr<float>(), *gp = g32.data_ptr<float>(), *bep = be32.data_ptr<float>();
+  const float *sp = s32.data_ptr<float>(), *Wp = W32.data_ptr<float>(), *bp = b32.data_ptr<float>();
+  const float *Sp = S32.data_ptr<float>(), *sbp = sb32.data_ptr<float>();
+  float *op = o.data_ptr<float>(), *Wop = W_out.data_ptr<float>(), *Sop = S_out.data_ptr<float>();
+  float *bop = b_out.data_ptr<float>(), *sbop = sb_out.data_ptr<float>();
+  const int Ki = static_cast<int>(K);
+  // one task per (sequence, head): ATen's OpenMP pool, sized by torch.set_num_threads
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(4 * K);  // z, xhat, G, x: [K] each
+    float *z = scratch.data(), *xh = z + K, *G = xh + K, *x = G + K;
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const int64_t h = nh % H, p = pp[nh / H];
+      const float *qv = qp + nh * K, *kv = kp + nh * K, *vv = vp + nh * K, *gamma = gp + h * K, *beta = bep + h * K;
+      const float e = ep[nh], s = sp[h * C + p];
+      const bool commit = p + 1 == C;
+      const long long mat = nh * K * K, vec = nh * K;
+      for (int j0 = 0; j0 < Ki; j0 += kTile) {
+        ttt_linear_z_columns<kTile>(kv, Wp + mat, use_bias ? bp + vec : nullptr, z, Ki, j0);
+      }
+      if (use_ln) {
+        float mu, r, mean_gx, mean_gxx;
+        ttt_ln_stats(z, Ki, &mu, &r);
+        for (int j = 0; j < Ki; ++j) {
+          G[j] = ttt_ln_residual(z[j], use_residual ? vv[j] - kv[j] : vv[j], gamma[j], beta[j], mu, r, &xh[j]);
+        }
+        ttt_means(G, xh, Ki, &mean_gx, &mean_gxx);
+        for (int j = 0; j < Ki; ++j) G[j] = ttt_ln_grad(G[j], xh[j], r, mean_gx, mean_gxx);
+      } else {
+        for (int j = 0; j < Ki; ++j) G[j] = z[j] - (use_residual ? vv[j] - kv[j] : vv[j]);
+      }
+      for (int j0 = 0; j0 < Ki; j0 += kTile) {
+        ttt_linear_update_columns<kTile>(qv, kv, e, G, s, Wp + mat, Sp + mat, Wop + mat, Sop + mat, x, Ki, j0,
+                                         commit);
+      }
+      if (use_bias) {
+        for (int j = 0; j < Ki; ++j) {
+          x[j] += ttt_linear_bias_feature(G[j], e, s, bp + vec, sbp + vec, bop + vec, sbop + vec, j, commit);
+        }
+      }
+      float mu = 0.0f, r = 1.0f;
+      if (use_ln) ttt_ln_stats(x, Ki, &mu, &r);
+      for (int j = 0; j < Ki; ++j) {
+        const float y = use_ln ? (x[j] - mu) * r * gamma[j] + beta[j] : x[j];
+        op[vec + j] = use_residual ? y + qv[j] : y;
+      }
+    }
+  });
+  return {o, W_out, b_out, S_out, sb_out, at::remainder(pos + 1, C)};
+}
+
+}  // namespace ipl
