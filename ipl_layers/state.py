@@ -112,6 +112,10 @@ class TitansState(tuple):
             raise ValueError(f"TitansState: expected 3 L + 1 tensors (L >= 1), got {len(tensors)}")
         return super().__new__(cls, tensors)
 
+    def __getnewargs__(self) -> Tuple[torch.Tensor, ...]:
+        # copy/deepcopy/pickle rebuild through __new__(*tensors), not tuple's __new__(iterable)
+        return tuple(self)
+
     @classmethod
     def of(cls, start, momentum, weights, position) -> "TitansState":
         return cls(*start, *momentum, *weights, position)

@@ -124,3 +124,16 @@ def test_roll_back_learning_through_a_layer(tmp_path):
             assert_rel_rms("replay after rollback", replay, expected, EXACT)
         fresh, _, _ = layer(probe, past_key_values=cache.reset(), use_cache=True)
         assert_rel_rms("after reset", fresh, layer(probe)[0], EXACT)
+
+
+def test_titans_state_survives_copy_deepcopy_and_pickle():
+    # a tuple subclass built from its tensors (__new__(*tensors)): the copies must rebuild it the same way
+    import copy
+    import pickle
+
+    from ipl_layers.state import TitansState
+
+    state = TitansState.of((torch.randn(2, 3),), (torch.randn(2, 3),), (torch.randn(2, 3),), torch.tensor([1, 2]))
+    for twin in (copy.copy(state), copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+        assert type(twin) is TitansState and twin.depth == 1
+        assert all(torch.equal(a, b) for a, b in zip(twin, state))
