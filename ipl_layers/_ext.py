@@ -131,6 +131,12 @@ def titans_step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, state, C, use_ln
     return outs[0], (outs[1:1 + L], outs[1 + L:1 + 2 * L], outs[1 + 2 * L:1 + 3 * L], outs[-1])
 
 
+def topk_rows(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of x [R, n] float32 on CPU, sorted descending (ties: earlier index
+    first): (values [R, k], indices [R, k] int64). A scan with a sorted buffer, for small k (csrc/cpu/topk.cpp)."""
+    return _require().topk_rows(x, k)
+
+
 def embedding_bag_forward(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The weighted bag on CPU (csrc/common/embedding_bag.h): indices [M, n] int64, weights [M, n], values
     [N, D] -> out [M, D] fp32."""

@@ -27,6 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ln_weight"), py::arg("ln_bias"), py::arg("start"), py::arg("momentum"), py::arg("weights"),
         py::arg("position"), py::arg("C"), py::arg("use_ln"), py::arg("use_residual"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("topk_rows", &ipl::topk_rows, "Top-k of each row, sorted descending: (values [R, k], indices [R, k])",
+        py::arg("x"), py::arg("k"), py::call_guard<py::gil_scoped_release>());
   m.def("embedding_bag_forward", &ipl::embedding_bag_forward, "Weighted embedding bag: out [M, D] fp32",
         py::arg("indices"), py::arg("weights"), py::arg("values"), py::call_guard<py::gil_scoped_release>());
   m.def("embedding_bag_backward", &ipl::embedding_bag_backward,

@@ -62,4 +62,8 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward(const at::Tensor& indi
                                                           const at::Tensor& values, const at::Tensor& dout,
                                                           const at::Tensor& order, const at::Tensor& offsets);
 
+// The k largest entries of each row of x [R, n] float32, sorted descending, ties earlier index first:
+// (values [R, k], indices [R, k] int64). For small k (the product-key search).
+std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k);
+
 }  // namespace ipl

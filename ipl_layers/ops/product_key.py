@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ipl_layers import _ext
 from ipl_layers._checks import check_positive_int, check_shape, check_tensor
 from ipl_layers.backend import resolve_backend
 from ipl_layers.ops.embedding_bag import embedding_bag, reverse_index
@@ -77,10 +78,10 @@ def product_key_topk(query: torch.Tensor, keys: torch.Tensor, topk: int, *,
         return product_key_topk_reference(query, keys, topk)
     q1, q2 = query.chunk(2, dim=-1)
     with torch.no_grad():  # the search; gradients reach the k selected scores only (SelectedScoresFunction)
-        a, i = torch.topk(torch.einsum("...hd,hnd->...hn", q1, keys[:, 0]), topk, dim=-1)  # [*, H, k], descending
-        b, j = torch.topk(torch.einsum("...hd,hnd->...hn", q2, keys[:, 1]), topk, dim=-1)
+        a, i = _topk(torch.einsum("...hd,hnd->...hn", q1, keys[:, 0]), topk)  # [*, H, k], descending
+        b, j = _topk(torch.einsum("...hd,hnd->...hn", q2, keys[:, 1]), topk)
         u, v = _candidate_pairs(topk, query.device)  # [P] each
-        best = torch.topk(a[..., u] + b[..., v], topk, dim=-1)[1]  # of the [*, H, P] candidates
+        best = _topk(a[..., u] + b[..., v], topk)[1]  # of the [*, H, P] candidates
         u, v = u[best], v[best]  # [*, H, k] per-half ranks of the winners
         rows1, rows2 = i.gather(-1, u), j.gather(-1, v)  # [*, H, k] sub-key indices
         a, b = a.gather(-1, u), b.gather(-1, v)  # their half scores: a + b is the candidates' sum, bit for bit
@@ -124,6 +125,15 @@ class SelectedScoresFunction(torch.autograd.Function):
                                       mode="sum")
             dtable = per_row.new_zeros(table.shape).index_copy_(0, rows, per_row).to(table.dtype)
         return dq, dtable, None, None
+
+
+def _topk(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk over the last dim (sorted descending); fp32 CPU rows go to the C++ scan when it is built (for
+    k = 32 of a few hundred scores per row it beats torch's general selection; ties keep the earlier index)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() and _ext.available():
+        values, indices = _ext.topk_rows(x.reshape(-1, x.shape[-1]), k)
+        return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
+    return torch.topk(x, k, dim=-1)
 
 
 _PAIRS = {}
