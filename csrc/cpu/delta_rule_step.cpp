@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include "common/delta_rule_step.h"
+#include "cpu/checks.h"
 #include "cpu/ops.h"
 
 namespace ipl {
@@ -13,34 +14,22 @@ namespace {
 constexpr int kTile = 16;  // columns per call of the shared tile function (fp32 accumulators in registers)
 constexpr const char* kOp = "delta_rule_step";
 
-void check_float_cpu(const char* name, const at::Tensor& x, int64_t dim, at::IntArrayRef expected, const char* dims) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), kOp, ": ", name, ": expected a CPU tensor, got device ", x.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), kOp, ": ", name,
-                   ": expected a floating dtype (float16/bfloat16/float32/float64), got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == dim, kOp, ": ", name, ": expected ", dim, "-D [", dims, "], got ", x.dim(),
-                    "-D with shape ", x.sizes());
-  if (!expected.empty()) {
-    TORCH_CHECK_VALUE(x.sizes() == expected, kOp, ": ", name, ": expected shape [", dims, "] = ", expected,
-                      ", got ", x.sizes());
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> delta_rule_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& beta, const std::optional<at::Tensor>& g,
                                                    const at::Tensor& state, double scale) {
-  check_float_cpu("q", q, 3, {}, "B, H, K");
-  check_float_cpu("v", v, 3, {}, "B, H, V");
+  check_float_cpu(kOp, "q", q, 3, {}, "B, H, K");
+  check_float_cpu(kOp, "v", v, 3, {}, "B, H, V");
   const int64_t B = q.size(0), H = q.size(1), K = q.size(2), V = v.size(2);
-  check_float_cpu("k", k, 3, {B, H, K}, "B, H, K");
-  check_float_cpu("v", v, 3, {B, H, V}, "B, H, V");
-  check_float_cpu("beta", beta, 2, {B, H}, "B, H");
-  check_float_cpu("state", state, 4, {B, H, K, V}, "B, H, K, V");
+  check_float_cpu(kOp, "k", k, 3, {B, H, K}, "B, H, K");
+  check_float_cpu(kOp, "v", v, 3, {B, H, V}, "B, H, V");
+  check_float_cpu(kOp, "beta", beta, 2, {B, H}, "B, H");
+  check_float_cpu(kOp, "state", state, 4, {B, H, K, V}, "B, H, K, V");
   TORCH_CHECK_TYPE(state.scalar_type() == at::kFloat, kOp, ": state: expected float32, got ", state.scalar_type());
   at::Tensor g32;  // [B, H] fp32 log-decay, undefined without a gate
   if (g.has_value()) {
-    check_float_cpu("g", *g, 2, {B, H}, "B, H");
+    check_float_cpu(kOp, "g", *g, 2, {B, H}, "B, H");
     g32 = g->to(at::kFloat).contiguous();
   }
   // fp32 contiguous copies (none when already so): the shared arithmetic reads raw fp32 rows

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include "common/short_conv_step.h"
+#include "cpu/checks.h"
 #include "cpu/ops.h"
 
 namespace ipl {
@@ -11,32 +12,20 @@ namespace {
 constexpr const char* kOp = "short_conv_step";
 constexpr int64_t kGrain = 1024;  // channels per task: one channel is ~W fused multiply-adds, too little alone
 
-void check_float_cpu(const char* name, const at::Tensor& x, int64_t dim, at::IntArrayRef expected, const char* dims) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), kOp, ": ", name, ": expected a CPU tensor, got device ", x.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), kOp, ": ", name,
-                   ": expected a floating dtype (float16/bfloat16/float32/float64), got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == dim, kOp, ": ", name, ": expected ", dim, "-D [", dims, "], got ", x.dim(),
-                    "-D with shape ", x.sizes());
-  if (!expected.empty()) {
-    TORCH_CHECK_VALUE(x.sizes() == expected, kOp, ": ", name, ": expected shape [", dims, "] = ", expected,
-                      ", got ", x.sizes());
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> short_conv_step(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias, const at::Tensor& state,
                                                    bool silu) {
-  check_float_cpu("x", x, 2, {}, "B, D");
-  check_float_cpu("weight", weight, 2, {}, "D, W");
+  check_float_cpu(kOp, "x", x, 2, {}, "B, D");
+  check_float_cpu(kOp, "weight", weight, 2, {}, "D, W");
   const int64_t B = x.size(0), D = x.size(1), W = weight.size(1);
   TORCH_CHECK_VALUE(weight.size(0) == D && W >= 1, kOp, ": weight: expected shape [D, W] with D = ", D,
                     " and W >= 1, got ", weight.sizes());
-  check_float_cpu("state", state, 3, {B, D, W - 1}, "B, D, W-1");
+  check_float_cpu(kOp, "state", state, 3, {B, D, W - 1}, "B, D, W-1");
   at::Tensor bias32;  // [D] fp32, undefined without a bias
   if (bias.has_value()) {
-    check_float_cpu("bias", *bias, 1, {D}, "D");
+    check_float_cpu(kOp, "bias", *bias, 1, {D}, "D");
     bias32 = bias->to(at::kFloat).contiguous();
   }
   // fp32 contiguous copies (none when already so): the shared arithmetic reads raw fp32 rows

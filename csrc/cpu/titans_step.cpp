@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/titans_step.h"
+#include "cpu/checks.h"
 #include "cpu/ops.h"
 
 namespace ipl {
@@ -14,21 +15,6 @@ namespace {
 
 constexpr int kTile = 16;  // columns per call of the shared tile functions (fp32 accumulators in registers)
 constexpr const char* kOp = "titans_step";
-
-void check_float_cpu(const std::string& name, const at::Tensor& x, int64_t dim, at::IntArrayRef expected,
-                     const char* dims) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), kOp, ": ", name, ": expected a CPU tensor, got device ", x.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), kOp, ": ", name,
-                   ": expected a floating dtype (float16/bfloat16/float32/float64), got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == dim, kOp, ": ", name, ": expected ", dim, "-D [", dims, "], got ", x.dim(),
-                    "-D with shape ", x.sizes());
-  if (!expected.empty()) {
-    TORCH_CHECK_VALUE(x.sizes() == expected, kOp, ": ", name, ": expected shape [", dims, "] = ", expected,
-                      ", got ", x.sizes());
-  }
-}
-
-at::Tensor f32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
 
 }  // namespace
 
@@ -38,18 +24,18 @@ std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, co
                                     const std::vector<at::Tensor>& start, const std::vector<at::Tensor>& momentum,
                                     const std::vector<at::Tensor>& weights, const at::Tensor& position, int64_t C,
                                     bool use_ln, bool use_residual) {
-  check_float_cpu("q", q, 3, {}, "N, H, K");
+  check_float_cpu(kOp, "q", q, 3, {}, "N, H, K");
   const int64_t N = q.size(0), H = q.size(1), K = q.size(2);
-  check_float_cpu("k", k, 3, {N, H, K}, "N, H, K");
-  check_float_cpu("v", v, 3, {}, "N, H, V");
+  check_float_cpu(kOp, "k", k, 3, {N, H, K}, "N, H, K");
+  check_float_cpu(kOp, "v", v, 3, {}, "N, H, V");
   const int64_t V = v.size(2);
-  check_float_cpu("v", v, 3, {N, H, V}, "N, H, V");
+  check_float_cpu(kOp, "v", v, 3, {N, H, V}, "N, H, V");
   TORCH_CHECK_VALUE(!use_residual || V == K, kOp, ": v: the residual needs V == K, got V = ", V, ", K = ", K);
-  check_float_cpu("theta", theta, 2, {N, H}, "N, H");
-  check_float_cpu("eta", eta, 2, {N, H}, "N, H");
-  check_float_cpu("alpha", alpha, 2, {N, H}, "N, H");
-  check_float_cpu("ln_weight", ln_weight, 2, {H, V}, "H, V");
-  check_float_cpu("ln_bias", ln_bias, 2, {H, V}, "H, V");
+  check_float_cpu(kOp, "theta", theta, 2, {N, H}, "N, H");
+  check_float_cpu(kOp, "eta", eta, 2, {N, H}, "N, H");
+  check_float_cpu(kOp, "alpha", alpha, 2, {N, H}, "N, H");
+  check_float_cpu(kOp, "ln_weight", ln_weight, 2, {H, V}, "H, V");
+  check_float_cpu(kOp, "ln_bias", ln_bias, 2, {H, V}, "H, V");
   const int64_t L = static_cast<int64_t>(start.size());
   TORCH_CHECK_VALUE(L >= 1 && momentum.size() == start.size() && weights.size() == start.size(), kOp,
                     ": state: expected L >= 1 matrices each of start, momentum and weights, got ", start.size(),
@@ -57,11 +43,11 @@ std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, co
   std::vector<int64_t> dims{K};  // d_0 .. d_L
   for (int64_t l = 0; l < L; ++l) {
     const std::string at_l = "[" + std::to_string(l) + "]";
-    check_float_cpu("start" + at_l, start[l], 4, {}, "N, H, d_in, d_out");
+    check_float_cpu(kOp, "start" + at_l, start[l], 4, {}, "N, H, d_in, d_out");
     const int64_t d_out = start[l].size(3);
-    check_float_cpu("start" + at_l, start[l], 4, {N, H, dims.back(), d_out}, "N, H, d_in, d_out");
-    check_float_cpu("momentum" + at_l, momentum[l], 4, {N, H, dims.back(), d_out}, "N, H, d_in, d_out");
-    check_float_cpu("weights" + at_l, weights[l], 4, {N, H, dims.back(), d_out}, "N, H, d_in, d_out");
+    check_float_cpu(kOp, "start" + at_l, start[l], 4, {N, H, dims.back(), d_out}, "N, H, d_in, d_out");
+    check_float_cpu(kOp, "momentum" + at_l, momentum[l], 4, {N, H, dims.back(), d_out}, "N, H, d_in, d_out");
+    check_float_cpu(kOp, "weights" + at_l, weights[l], 4, {N, H, dims.back(), d_out}, "N, H, d_in, d_out");
     dims.push_back(d_out);
   }
   TORCH_CHECK_VALUE(dims.back() == V, kOp, ": start[", L - 1, "]: the last layer must map to V = ", V,

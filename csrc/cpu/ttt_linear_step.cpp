@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/ttt_linear_step.h"
+#include "cpu/checks.h"
 #include "cpu/ops.h"
 
 namespace ipl {
@@ -13,20 +14,6 @@ namespace {
 constexpr int kTile = 16;  // columns per call of the shared tile functions (fp32 accumulators in registers)
 constexpr const char* kOp = "ttt_linear_step";
 
-void check_float_cpu(const char* name, const at::Tensor& x, int64_t dim, at::IntArrayRef expected, const char* dims) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), kOp, ": ", name, ": expected a CPU tensor, got device ", x.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), kOp, ": ", name,
-                   ": expected a floating dtype (float16/bfloat16/float32/float64), got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == dim, kOp, ": ", name, ": expected ", dim, "-D [", dims, "], got ", x.dim(),
-                    "-D with shape ", x.sizes());
-  if (!expected.empty()) {
-    TORCH_CHECK_VALUE(x.sizes() == expected, kOp, ": ", name, ": expected shape [", dims, "] = ", expected,
-                      ", got ", x.sizes());
-  }
-}
-
-at::Tensor f32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
-
 }  // namespace
 
 std::vector<at::Tensor> ttt_linear_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -34,21 +21,21 @@ std::vector<at::Tensor> ttt_linear_step(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& scale, const at::Tensor& W, const at::Tensor& b,
                                         const at::Tensor& sum_W, const at::Tensor& sum_b, const at::Tensor& position,
                                         bool use_ln, bool use_residual, bool use_bias) {
-  check_float_cpu("q", q, 3, {}, "N, H, K");
+  check_float_cpu(kOp, "q", q, 3, {}, "N, H, K");
   const int64_t N = q.size(0), H = q.size(1), K = q.size(2);
-  check_float_cpu("k", k, 3, {N, H, K}, "N, H, K");
-  check_float_cpu("v", v, 3, {N, H, K}, "N, H, K");
-  check_float_cpu("eta", eta, 2, {N, H}, "N, H");
-  check_float_cpu("ln_weight", ln_weight, 2, {H, K}, "H, K");
-  check_float_cpu("ln_bias", ln_bias, 2, {H, K}, "H, K");
-  check_float_cpu("scale", scale, 2, {}, "H, C");
+  check_float_cpu(kOp, "k", k, 3, {N, H, K}, "N, H, K");
+  check_float_cpu(kOp, "v", v, 3, {N, H, K}, "N, H, K");
+  check_float_cpu(kOp, "eta", eta, 2, {N, H}, "N, H");
+  check_float_cpu(kOp, "ln_weight", ln_weight, 2, {H, K}, "H, K");
+  check_float_cpu(kOp, "ln_bias", ln_bias, 2, {H, K}, "H, K");
+  check_float_cpu(kOp, "scale", scale, 2, {}, "H, C");
   const int64_t C = scale.size(1);
   TORCH_CHECK_VALUE(scale.size(0) == H && C >= 1, kOp, ": scale: expected shape [H, C] with H = ", H,
                     " and C >= 1, got ", scale.sizes());
-  check_float_cpu("W", W, 4, {N, H, K, K}, "N, H, K, K");
-  check_float_cpu("b", b, 3, {N, H, K}, "N, H, K");
-  check_float_cpu("sum_W", sum_W, 4, {N, H, K, K}, "N, H, K, K");
-  check_float_cpu("sum_b", sum_b, 3, {N, H, K}, "N, H, K");
+  check_float_cpu(kOp, "W", W, 4, {N, H, K, K}, "N, H, K, K");
+  check_float_cpu(kOp, "b", b, 3, {N, H, K}, "N, H, K");
+  check_float_cpu(kOp, "sum_W", sum_W, 4, {N, H, K, K}, "N, H, K, K");
+  check_float_cpu(kOp, "sum_b", sum_b, 3, {N, H, K}, "N, H, K");
   TORCH_CHECK_TYPE(position.scalar_type() == at::kLong, kOp, ": position: expected int64, got ",
                    position.scalar_type());
   TORCH_CHECK_VALUE(position.dim() == 1 && position.size(0) == N, kOp, ": position: expected shape [N] = [", N,
