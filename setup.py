@@ -87,12 +87,19 @@ setup(
         "einops",
         "transformers",
         "safetensors",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",  # the eval's per-position loss plot
     ],
     extras_require={
         "test": ["pytest", "hypothesis"],
         "bench": ["flash-linear-attention", "titans-pytorch", "product-key-memory", "matplotlib"],
         "gpu": ["flash-attn"],
     },
+    package_data={"ipl_layers.models": ["configs/*.yaml"]},
+    entry_points={"console_scripts": ["ipl-train = ipl_layers.models.train:main",
+                                      "ipl-eval = ipl_layers.models.evaluate:main"]},
     ext_modules=[ext] if ext is not None else [],
     cmdclass=cmdclass,
 )
