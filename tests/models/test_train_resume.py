@@ -17,6 +17,7 @@ def run(args, out, **kwargs):
 
 
 def test_resume_equals_the_uninterrupted_run(tiny_train_args, tmp_path):
+    tiny_train_args = tiny_train_args + ["--grad_accum=2"]  # accumulation inside the resumed steps too
     full = run(tiny_train_args, tmp_path / "full")
     first = run(tiny_train_args, tmp_path / "sliced", stop_at=3)  # preempted after step 3 (saved there)
     second = run(tiny_train_args, tmp_path / "sliced", resume=True)
