@@ -12,6 +12,7 @@ batches are a function of (seed, step), so on CPU its losses equal the uninterru
 Logs go to `<out_dir>/log.jsonl` (one JSON object per record) and a tqdm bar (loss, tokens/s, ETA).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,8 @@ import time
 from typing import List, Optional
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ipl_layers.layers.memory import memory_parameter_groups
@@ -44,7 +47,10 @@ def build_model(config: TrainConfig, byte_level: bool = True) -> IPLForCausalLM:
 
 
 def resolve_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """"auto": this process's GPU (torchrun's LOCAL_RANK) when CUDA is available, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -73,10 +79,14 @@ def bits(loss: float) -> float:
 
 
 class JsonlLog:
-    def __init__(self, path: str):
+    """Appends JSON records to `path`; None (the ranks other than 0) writes nothing."""
+
+    def __init__(self, path: Optional[str]):
         self.path = path
 
     def write(self, **record):
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -91,7 +101,15 @@ def _check_resumable(config: TrainConfig, saved: dict, path: str):
 def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = None) -> dict:
     """Trains to `config.steps` (or to `stop_at`, as a preempted job would stop) and evaluates.
 
+    Under torch.distributed (torchrun, or a process group the caller made) the model is wrapped in DDP and each of
+    the W ranks takes every W-th row of each micro-batch, so W processes see the batches one process sees, and
+    their averaged gradients are its gradients; rank 0 alone logs and writes checkpoints.
+
     Returns {"step", "losses": this call's per-step train losses, "val_loss", "val_bits", "byte_level"}."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if config.batch_size % world:
+        raise ValueError(f"batch_size: expected a multiple of the {world} processes, got {config.batch_size}")
+    say = (lambda text: print(text, file=sys.stderr)) if rank == 0 else (lambda text: None)
     os.makedirs(config.out_dir, exist_ok=True)
     checkpoint = latest_checkpoint(config.out_dir)
     if checkpoint is not None and not resume:
@@ -101,6 +119,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = No
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config, byte_level).to(device).train()
+    wrapped = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(memory_parameter_groups(model, config.lr, config.values_lr, config.weight_decay),
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
@@ -112,30 +131,40 @@ def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = No
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step = state["step"]
-        print(f"resumed {checkpoint} at step {step}", file=sys.stderr)
+        say(f"resumed {checkpoint} at step {step}")
     elif resume:
-        print(f"no checkpoint in {config.out_dir}: starting from step 0", file=sys.stderr)
-    log = JsonlLog(os.path.join(config.out_dir, "log.jsonl"))
+        say(f"no checkpoint in {config.out_dir}: starting from step 0")
+    log = JsonlLog(os.path.join(config.out_dir, "log.jsonl") if rank == 0 else None)
     val = eval_batches(val_tokens, config.eval_sequences, config.seq_len + 1, config.batch_size)
     end = config.steps if stop_at is None else min(stop_at, config.steps)
     if step >= config.steps:
-        print(f"{config.out_dir} is already trained ({step} of {config.steps} steps): evaluating", file=sys.stderr)
+        say(f"{config.out_dir} is already trained ({step} of {config.steps} steps): evaluating")
 
     def save():
-        save_checkpoint(config.out_dir, step, model, {
-            "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(), "config": vars(config), "byte_level": byte_level})
+        if rank == 0:
+            save_checkpoint(config.out_dir, step, model, {
+                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(), "config": vars(config), "byte_level": byte_level})
+        if world > 1:
+            dist.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
 
     losses, tokens_per_step = [], config.batch_size * config.grad_accum * config.seq_len
-    bar = tqdm(range(step, end), initial=step, total=config.steps, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(step, end), initial=step, total=config.steps, desc="train", unit="step", dynamic_ncols=True,
+               disable=rank != 0)
     for _ in bar:
-        started, loss_sum = time.perf_counter(), 0.0
+        started, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         for micro in range(config.grad_accum):
-            ids = train_batch(train_tokens, config.seed, step, micro, config.batch_size, config.seq_len + 1).to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(ids, labels=ids, use_cache=False).loss / config.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
+            ids = train_batch(train_tokens, config.seed, step, micro, config.batch_size, config.seq_len + 1)
+            ids = ids[rank::world].to(device)
+            last = micro == config.grad_accum - 1  # DDP averages gradients across ranks on the last backward only
+            with wrapped.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = wrapped(ids, labels=ids, use_cache=False).loss / config.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        if world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # the loss of the global batch, as one process logs it
+        loss_sum = loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf")).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -150,8 +179,9 @@ def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = No
         if step % config.eval_every == 0 and step < config.steps:
             val_loss = validation_loss(model, val, device)
             log.write(step=step, val_loss=val_loss, val_bits=bits(val_loss))
-            bar.write(f"step {step}: validation loss {val_loss:.4f}, {bits(val_loss):.4f} bits per "
-                      f"{'byte' if byte_level else 'token'}")
+            if rank == 0:
+                bar.write(f"step {step}: validation loss {val_loss:.4f}, {bits(val_loss):.4f} bits per "
+                          f"{'byte' if byte_level else 'token'}")
         if step % config.save_every == 0 or step == end:
             save()
     bar.close()
@@ -165,7 +195,14 @@ def main(argv: Optional[List[str]] = None):
     args = list(sys.argv[1:] if argv is None else argv)
     resume = "--resume" in args
     config = parse_config([a for a in args if a != "--resume"])
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1  # launched by torchrun
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     result = train(config, resume=resume)
+    if distributed:
+        dist.destroy_process_group()
+        if int(os.environ["RANK"]) != 0:
+            return
     unit = "byte" if result["byte_level"] else "token"
     print(f"step {result['step']}/{config.steps}: validation loss {result['val_loss']:.4f} nats, "
           f"{result['val_bits']:.4f} bits per {unit} ({config.eval_sequences} windows of {config.seq_len} tokens)")
