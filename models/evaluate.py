@@ -81,9 +81,10 @@ def write_outputs(curves: Dict[str, np.ndarray], out: str) -> Dict[str, str]:
         for t in range(length):
             writer.writerow([t + 1] + [f"{curves[n][t]:.6f}" for n in names])
     bins = log_bins(length)
+    centers = [(b.start + b.stop + 1) / 2 for b in bins]  # positions are 1-based, bins index 0-based
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
-        ax.plot([(b.start + b.stop + 1) / 2 for b in bins], [curves[name][b.start:b.stop].mean() for b in bins], marker=".", label=name)
+        ax.plot(centers, [curves[name][b.start:b.stop].mean() for b in bins], marker=".", label=name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position in the sequence (1 + tokens of context)")
     ax.set_ylabel("validation loss (nats), mean over the bin")
