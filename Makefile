@@ -6,7 +6,7 @@ STAMP   := .venv/.ipl-installed
 EXT     := .venv/.ipl-ext-built
 TORCH   := torch==2.13.0
 
-.PHONY: demo test test-fast bench compile-report clean
+.PHONY: demo bench-demo test test-fast bench compile-report clean
 
 $(PY):
 	python3 -m venv .venv
@@ -24,7 +24,13 @@ $(EXT): $(STAMP) $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/common/*.h)
 	$(PY) setup.py --quiet build_ext --inplace
 	touch $(EXT)
 
+# trains the tiny hybrid on the interpreter's stdlib bytes (runs/demo); run again, it resumes or re-evaluates
 demo: $(EXT)
+	$(PY) -m ipl_layers.models.train --config=demo --resume
+	$(PY) -m ipl_layers.models.evaluate runs/demo
+
+# the CPU op table with peers (T = 1024), the former `make demo`
+bench-demo: $(EXT)
 	$(PY) bench/run.py --demo
 
 test: $(EXT)

@@ -87,14 +87,21 @@ setup(
         "einops",
         "transformers",
         "safetensors",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",  # the eval's per-position loss plot
     ],
     extras_require={
         "test": ["pytest", "hypothesis"],
         "bench": ["flash-linear-attention", "titans-pytorch", "product-key-memory", "matplotlib"],
         "gpu": ["flash-attn"],
     },
-    # runs bench/ipl_bench.py of the checkout an editable install points at (ipl_layers/bench_cli.py says why)
-    entry_points={"console_scripts": ["ipl-bench = ipl_layers.bench_cli:main"]},
+    package_data={"ipl_layers.models": ["configs/*.yaml"]},
+    # ipl-bench runs bench/ipl_bench.py of the checkout an editable install points at (ipl_layers/bench_cli.py)
+    entry_points={"console_scripts": ["ipl-train = ipl_layers.models.train:main",
+                                      "ipl-eval = ipl_layers.models.evaluate:main",
+                                      "ipl-bench = ipl_layers.bench_cli:main"]},
     ext_modules=[ext] if ext is not None else [],
     cmdclass=cmdclass,
 )

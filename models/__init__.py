@@ -1,7 +1,8 @@
 """HF-compatible hybrid models (installed as `ipl_layers.models`): `IPLConfig`, `IPLModel`, `IPLForCausalLM`, the
 mixer / feed-forward registries, and `patch_attention` (our mixers inside existing Llama/Qwen decoders). Importing
 it (which `import ipl_layers` does) registers the config and the models with `AutoConfig`, `AutoModel` and
-`AutoModelForCausalLM` under model_type "ipl"."""
+`AutoModelForCausalLM` under model_type "ipl". Pretraining and evals live in `train` (`ipl-train`) and `evaluate`
+(`ipl-eval`), imported on demand: they need tqdm, PyYAML and matplotlib, the models do not."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 

@@ -1,0 +1,212 @@
+"""`ipl-train` / `python -m ipl_layers.models.train`: pretrains an `IPLForCausalLM` (see train_config.py for the
+config and its overrides, data.py for the data, checkpoint.py for the checkpoints).
+
+    ipl-train --config=demo                       # the tiny CPU hybrid on the embedded stdlib byte corpus
+    ipl-train --config=125m --data=tokens.bin --model.vocab_size=50304 --out_dir=runs/125m
+    ipl-train --config=demo --resume              # continue runs/demo from its latest checkpoint
+
+AdamW with the memory layers' value tables in their own group (`memory_parameter_groups`), linear warmup then a
+cosine to `lr * min_lr_ratio`, global-norm gradient clipping, gradient accumulation, bf16 autocast on CUDA.
+A resumed run continues exactly: weights, optimizer, scheduler and RNG states come from the checkpoint and the
+batches are a function of (seed, step), so on CPU its losses equal the uninterrupted run's bit for bit.
+Logs go to `<out_dir>/log.jsonl` (one JSON object per record) and a tqdm bar (loss, tokens/s, ETA).
+"""
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ipl_layers.layers.memory import memory_parameter_groups
+from ipl_layers.models.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from ipl_layers.models.configuration_ipl import IPLConfig
+from ipl_layers.models.data import BYTE_VOCAB, eval_batches, load_splits, train_batch
+from ipl_layers.models.modeling_ipl import IPLForCausalLM
+from ipl_layers.models.train_config import TrainConfig, parse_config
+
+# config keys a resumed run must share with its checkpoint: they define the model and the batches seen so far
+RESUME_FIXED = ("model", "data", "token_dtype", "val_fraction", "seed", "seq_len", "batch_size", "grad_accum")
+
+
+def build_model(config: TrainConfig, byte_level: bool = True) -> IPLForCausalLM:
+    model_kwargs = dict(config.model)
+    if byte_level:
+        model_kwargs.setdefault("vocab_size", BYTE_VOCAB)
+        vocab = model_kwargs["vocab_size"]
+        if vocab < BYTE_VOCAB:
+            raise ValueError(f"model.vocab_size: byte-level data needs >= {BYTE_VOCAB}, got {vocab}")
+    return IPLForCausalLM(IPLConfig(**model_kwargs))
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto": this process's GPU (torchrun's LOCAL_RANK) when CUDA is available, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Linear warmup over `warmup_steps`, then a cosine from 1 down to `min_lr_ratio` at `steps`."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def validation_loss(model: IPLForCausalLM, batches: List[torch.Tensor], device: torch.device) -> float:
+    """Mean next-token loss (nats) over the validation windows; every window has the same number of targets."""
+    was_training = model.training
+    model.eval()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        losses = [model(ids.to(device), labels=ids.to(device), use_cache=False).loss.float() * len(ids)
+                  for ids in batches]
+    model.train(was_training)
+    return (torch.stack(losses).sum() / sum(len(ids) for ids in batches)).item()
+
+
+def bits(loss: float) -> float:
+    """nats -> bits: bits per byte on byte-level data, bits per token otherwise."""
+    return loss / math.log(2)
+
+
+class JsonlLog:
+    """Appends JSON records to `path`; None (the ranks other than 0) writes nothing."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+
+    def write(self, **record):
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _check_resumable(config: TrainConfig, saved: dict, path: str):
+    for key in RESUME_FIXED:
+        if saved[key] != getattr(config, key):
+            raise ValueError(f"--resume: {key} = {getattr(config, key)!r} differs from the checkpoint's "
+                             f"{saved[key]!r} ({path}); use the run's config or a new out_dir")
+
+
+def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = None) -> dict:
+    """Trains to `config.steps` (or to `stop_at`, as a preempted job would stop) and evaluates.
+
+    Under torch.distributed (torchrun, or a process group the caller made) the model is wrapped in DDP and each of
+    the W ranks takes every W-th row of each micro-batch, so W processes see the batches one process sees, and
+    their averaged gradients are its gradients; rank 0 alone logs and writes checkpoints.
+
+    Returns {"step", "losses": this call's per-step train losses, "val_loss", "val_bits", "byte_level"}."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if config.batch_size % world:
+        raise ValueError(f"batch_size: expected a multiple of the {world} processes, got {config.batch_size}")
+    say = (lambda text: print(text, file=sys.stderr)) if rank == 0 else (lambda text: None)
+    os.makedirs(config.out_dir, exist_ok=True)
+    checkpoint = latest_checkpoint(config.out_dir)
+    if checkpoint is not None and not resume:
+        raise ValueError(f"out_dir: {config.out_dir!r} holds a checkpoint ({checkpoint}): pass --resume to "
+                         "continue it, or choose another out_dir")
+    train_tokens, val_tokens, byte_level = load_splits(config.data, config.val_fraction, config.token_dtype)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model = build_model(config, byte_level).to(device).train()
+    wrapped = DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.AdamW(memory_parameter_groups(model, config.lr, config.values_lr, config.weight_decay),
+                                  betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
+    step = 0
+    if checkpoint is not None:
+        _check_resumable(config, read_trainer_state(checkpoint)["config"], checkpoint)
+        state = load_checkpoint(checkpoint, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        say(f"resumed {checkpoint} at step {step}")
+    elif resume:
+        say(f"no checkpoint in {config.out_dir}: starting from step 0")
+    log = JsonlLog(os.path.join(config.out_dir, "log.jsonl") if rank == 0 else None)
+    val = eval_batches(val_tokens, config.eval_sequences, config.seq_len + 1, config.batch_size)
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    if step >= config.steps:
+        say(f"{config.out_dir} is already trained ({step} of {config.steps} steps): evaluating")
+
+    def save():
+        if rank == 0:
+            save_checkpoint(config.out_dir, step, model, {
+                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(), "config": vars(config), "byte_level": byte_level})
+        if world > 1:
+            dist.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
+
+    losses, tokens_per_step = [], config.batch_size * config.grad_accum * config.seq_len
+    bar = tqdm(range(step, end), initial=step, total=config.steps, desc="train", unit="step", dynamic_ncols=True,
+               disable=rank != 0)
+    for _ in bar:
+        started, loss_sum = time.perf_counter(), torch.zeros((), device=device)
+        for micro in range(config.grad_accum):
+            ids = train_batch(train_tokens, config.seed, step, micro, config.batch_size, config.seq_len + 1)
+            ids = ids[rank::world].to(device)
+            last = micro == config.grad_accum - 1  # DDP averages gradients across ranks on the last backward only
+            with wrapped.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = wrapped(ids, labels=ids, use_cache=False).loss / config.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        if world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # the loss of the global batch, as one process logs it
+        loss_sum = loss_sum.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf")).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        losses.append(loss_sum)
+        tokens_per_s = tokens_per_step / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if step % config.log_every == 0 or step == end:
+            log.write(step=step, loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s)
+        if step % config.eval_every == 0 and step < config.steps:
+            val_loss = validation_loss(model, val, device)
+            log.write(step=step, val_loss=val_loss, val_bits=bits(val_loss))
+            if rank == 0:
+                bar.write(f"step {step}: validation loss {val_loss:.4f}, {bits(val_loss):.4f} bits per "
+                          f"{'byte' if byte_level else 'token'}")
+        if step % config.save_every == 0 or step == end:
+            save()
+    bar.close()
+    val_loss = validation_loss(model, val, device)
+    log.write(step=step, val_loss=val_loss, val_bits=bits(val_loss))
+    return {"step": step, "losses": losses, "val_loss": val_loss, "val_bits": bits(val_loss),
+            "byte_level": byte_level}
+
+
+def main(argv: Optional[List[str]] = None):
+    args = list(sys.argv[1:] if argv is None else argv)
+    resume = "--resume" in args
+    config = parse_config([a for a in args if a != "--resume"])
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1  # launched by torchrun
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    result = train(config, resume=resume)
+    if distributed:
+        dist.destroy_process_group()
+        if int(os.environ["RANK"]) != 0:
+            return
+    unit = "byte" if result["byte_level"] else "token"
+    print(f"step {result['step']}/{config.steps}: validation loss {result['val_loss']:.4f} nats, "
+          f"{result['val_bits']:.4f} bits per {unit} ({config.eval_sequences} windows of {config.seq_len} tokens)")
+
+
+if __name__ == "__main__":
+    main()
