@@ -18,6 +18,7 @@ one bag (the heads' reads are summed). Gradients reach the query and the sub-key
 scores (the selection itself is piecewise constant).
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -76,25 +77,27 @@ def product_key_topk(query: torch.Tensor, keys: torch.Tensor, topk: int, *,
     name = resolve_backend("product_key_topk", backend, query.device, BACKENDS)
     if name == "reference":
         return product_key_topk_reference(query, keys, topk)
-    q1, q2 = query.chunk(2, dim=-1)
+    lead, M = query.shape[:-2], math.prod(query.shape[:-2])
+    # head-major [H, M, Dk / 2] halves: the scores come out of bmm as contiguous [H, M, n] rows for the top-k
+    q1, q2 = (x.reshape(M, H, x.shape[-1]).transpose(0, 1) for x in query.chunk(2, dim=-1))
     with torch.no_grad():  # the search; gradients reach the k selected scores only (SelectedScoresFunction)
-        a, i = _topk(torch.einsum("...hd,hnd->...hn", q1, keys[:, 0]), topk)  # [*, H, k], descending
-        b, j = _topk(torch.einsum("...hd,hnd->...hn", q2, keys[:, 1]), topk)
+        a, i = _topk(torch.bmm(q1, keys[:, 0].transpose(1, 2)), topk)  # [H, M, k], descending
+        b, j = _topk(torch.bmm(q2, keys[:, 1].transpose(1, 2)), topk)
         u, v = _candidate_pairs(topk, query.device)  # [P] each
-        best = _topk(a[..., u] + b[..., v], topk)[1]  # of the [*, H, P] candidates
-        u, v = u[best], v[best]  # [*, H, k] per-half ranks of the winners
-        rows1, rows2 = i.gather(-1, u), j.gather(-1, v)  # [*, H, k] sub-key indices
+        best = _topk(a[..., u] + b[..., v], topk)[1]  # of the [H, M, P] candidates
+        u, v = u[best], v[best]  # [H, M, k] per-half ranks of the winners
+        rows1, rows2 = i.gather(-1, u), j.gather(-1, v)  # [H, M, k] sub-key indices
         a, b = a.gather(-1, u), b.gather(-1, v)  # their half scores: a + b is the candidates' sum, bit for bit
     scores = _selected_scores(q1, keys[:, 0], rows1, a) + _selected_scores(q2, keys[:, 1], rows2, b)
-    return scores, rows1 * n + rows2
+    return tuple(x.transpose(0, 1).reshape(*lead, H, topk) for x in (scores, rows1 * n + rows2))
 
 
 def _selected_scores(q: torch.Tensor, subkeys: torch.Tensor, rows: torch.Tensor, values: torch.Tensor):
-    """<q[..., h, :], subkeys[h, rows[..., h, t]]> [*, H, k], differentiable in q and subkeys, with the values
-    the search already computed: q [*, H, d], subkeys [H, n, d], rows [*, H, k]."""
+    """<q[h, m], subkeys[h, rows[h, m, t]]> [H, M, k], differentiable in q and subkeys, with the values the
+    search already computed: q [H, M, d], subkeys [H, n, d], rows [H, M, k]."""
     H, n, d = subkeys.shape
     k = rows.shape[-1]
-    flat = (rows + torch.arange(H, device=rows.device)[:, None] * n).reshape(-1, k)  # [M * H, k] rows of [H * n]
+    flat = (rows + torch.arange(H, device=rows.device)[:, None, None] * n).reshape(-1, k)  # [H * M, k] of [H * n]
     out = SelectedScoresFunction.apply(q.reshape(-1, d), subkeys.reshape(H * n, d), flat, values.reshape(-1, k))
     return out.view_as(values)
 

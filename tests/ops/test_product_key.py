@@ -90,3 +90,15 @@ def test_bad_inputs(args, match):
     query, keys, values = make_inputs((3,), 2, 4, 8, 3, torch.float32)
     with pytest.raises((ValueError, TypeError), match=match):
         product_key_memory(*args(query.detach(), keys.detach(), values.detach()))
+
+
+@pytest.mark.parametrize("lead", [(0,), (3, 0), ()])
+def test_empty_and_single_queries(lead):
+    query, keys, values = make_inputs(lead, 2, 6, 8, 5, torch.float64)
+    out = product_key_memory(query, keys, values, 3)
+    ref = product_key_memory(query, keys, values, 3, backend="reference")
+    assert out.shape == (*lead, 5)
+    if out.numel():
+        assert_rel_rms("out", out, ref, BOUND_F64)
+    grads = torch.autograd.grad(out.sum(), (query, keys, values), allow_unused=True, materialize_grads=True)
+    assert all(torch.isfinite(g.to_dense()).all() for g in grads)
