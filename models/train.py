@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ipl_layers.layers.memory import memory_parameter_groups
+from ipl_layers.models import fsdp
 from ipl_layers.models.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from ipl_layers.models.configuration_ipl import IPLConfig
 from ipl_layers.models.data import BYTE_VOCAB, eval_batches, load_splits, train_batch
@@ -33,7 +34,8 @@ from ipl_layers.models.modeling_ipl import IPLForCausalLM
 from ipl_layers.models.train_config import TrainConfig, parse_config
 
 # config keys a resumed run must share with its checkpoint: they define the model and the batches seen so far
-RESUME_FIXED = ("model", "data", "token_dtype", "val_fraction", "seed", "seq_len", "batch_size", "grad_accum")
+RESUME_FIXED = ("model", "data", "token_dtype", "val_fraction", "seed", "seq_len", "batch_size", "grad_accum",
+                "parallel")
 
 
 def build_model(config: TrainConfig, byte_level: bool = True) -> IPLForCausalLM:
@@ -101,9 +103,10 @@ def _check_resumable(config: TrainConfig, saved: dict, path: str):
 def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = None) -> dict:
     """Trains to `config.steps` (or to `stop_at`, as a preempted job would stop) and evaluates.
 
-    Under torch.distributed (torchrun, or a process group the caller made) the model is wrapped in DDP and each of
-    the W ranks takes every W-th row of each micro-batch, so W processes see the batches one process sees, and
-    their averaged gradients are its gradients; rank 0 alone logs and writes checkpoints.
+    Under torch.distributed (torchrun, or a process group the caller made) the model is wrapped in DDP (or sharded
+    with FSDP2 when `parallel` is "fsdp", models/fsdp.py) and each of the W ranks takes every W-th row of each
+    micro-batch, so W processes see the batches one process sees, and their averaged gradients are its gradients;
+    rank 0 alone logs and writes checkpoints.
 
     Returns {"step", "losses": this call's per-step train losses, "val_loss", "val_bits", "byte_level"}."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -119,15 +122,21 @@ def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = No
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config, byte_level).to(device).train()
-    wrapped = DistributedDataParallel(model) if world > 1 else model
+    state = None
+    if checkpoint is not None:  # the weights go into the whole model, before any sharding
+        _check_resumable(config, read_trainer_state(checkpoint)["config"], checkpoint)
+        state = load_checkpoint(checkpoint, model)
+    use_fsdp = world > 1 and config.parallel == "fsdp"
+    wrapped = fsdp.shard(model) if use_fsdp else DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(memory_parameter_groups(model, config.lr, config.values_lr, config.weight_decay),
                                   betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
     step = 0
-    if checkpoint is not None:
-        _check_resumable(config, read_trainer_state(checkpoint)["config"], checkpoint)
-        state = load_checkpoint(checkpoint, model)
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        if use_fsdp:
+            fsdp.load_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step = state["step"]
@@ -141,9 +150,15 @@ def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = No
         say(f"{config.out_dir} is already trained ({step} of {config.steps} steps): evaluating")
 
     def save():
+        saved, optimizer_state = model, optimizer.state_dict()
+        if use_fsdp:  # every rank gathers; rank 0 writes the whole model, as one process would
+            weights, optimizer_state = fsdp.full_model_state(model), fsdp.full_optimizer_state(model, optimizer)
+            if rank == 0:
+                saved = build_model(config, byte_level)
+                saved.load_state_dict(weights)
         if rank == 0:
-            save_checkpoint(config.out_dir, step, model, {
-                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            save_checkpoint(config.out_dir, step, saved, {
+                "step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "config": vars(config), "byte_level": byte_level})
         if world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
@@ -156,8 +171,10 @@ def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = No
         for micro in range(config.grad_accum):
             ids = train_batch(train_tokens, config.seed, step, micro, config.batch_size, config.seq_len + 1)
             ids = ids[rank::world].to(device)
-            last = micro == config.grad_accum - 1  # DDP averages gradients across ranks on the last backward only
-            with wrapped.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            last = micro == config.grad_accum - 1  # gradients are averaged across ranks on the last backward only
+            if use_fsdp:
+                model.set_requires_gradient_sync(last)
+            with wrapped.no_sync() if world > 1 and not use_fsdp and not last else contextlib.nullcontext():
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     loss = wrapped(ids, labels=ids, use_cache=False).loss / config.grad_accum
                 loss.backward()
@@ -165,7 +182,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = No
         if world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # the loss of the global batch, as one process logs it
         loss_sum = loss_sum.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf")).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]

@@ -39,6 +39,7 @@ class TrainConfig:
     log_every: int = 10
     out_dir: str = "runs/default"
     device: str = "auto"  # "auto": cuda when available, else cpu
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (FSDP2 fully_shard per block)
     eval_seq_len: int = 1024  # the per-position loss eval (evaluate.py)
 
     def __post_init__(self):
@@ -56,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction: expected a value in (0, 1), got {self.val_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel: expected 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:<i>', got {self.device!r}")
 

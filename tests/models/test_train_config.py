@@ -43,6 +43,7 @@ def test_overrides_are_typed_and_applied_in_order(tmp_path):
     (["--steps=0"], "steps: expected a positive int, got 0"),
     (["--val_fraction=1.5"], r"val_fraction: expected a value in \(0, 1\)"),
     (["--device=tpu"], "device: expected"),
+    (["--parallel=zero"], "parallel: expected .ddp. or .fsdp., got .zero."),
     (["--lr=-1"], "lr: expected >= 0"),
     (["steps=3"], "arguments: expected --key=value"),
     (["--config=nope"], "config: expected a file or one of"),
