@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "common/titans_step.h"
+#include "cuda/block_loss_grad.cuh"
 
 namespace ipl {
 
@@ -59,19 +60,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float* z_last = zs + z_off[L - 1];
   float* d_last = ds + z_off[L - 1];
-  if (use_ln) {  // twice TTT's gradient: Titans' loss is ||LN(z) - t||^2, not half of it
-    float mu, r, mean_gx, mean_gxx;
-    ttt_ln_stats(z_last, V, &mu, &r);
-    for (int j = tid; j < V; j += kThreads) {
-      d_last[j] = ttt_ln_residual(z_last[j], use_residual ? vv[j] - kv[j] : vv[j], gamma[j], beta[j], mu, r, &xh[j]);
-    }
-    __syncthreads();
-    ttt_means(d_last, xh, V, &mean_gx, &mean_gxx);
-    __syncthreads();  // every thread has read all of d before any overwrites its entries
-    for (int j = tid; j < V; j += kThreads) d_last[j] = 2.0f * ttt_ln_grad(d_last[j], xh[j], r, mean_gx, mean_gxx);
-  } else {
-    for (int j = tid; j < V; j += kThreads) d_last[j] = 2.0f * (z_last[j] - (use_residual ? vv[j] - kv[j] : vv[j]));
-  }
+  // twice TTT's gradient: Titans' loss is ||LN(z) - t||^2, not half of it
+  block_loss_grad<kThreads>(z_last, vv, kv, gamma, beta, V, use_ln, use_residual, 2.0f, d_last, xh);
   __syncthreads();
   for (int l = L - 1; l > 0; --l) {  // back through the start weights
     const int di = net.dims[l], dout = net.dims[l + 1];

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "common/ttt_linear_step.h"
+#include "cuda/block_loss_grad.cuh"
 
 namespace ipl {
 
@@ -35,19 +36,7 @@ __global__ void __launch_bounds__(kThreads)
   float *Wm = W + nh * K * K, *Sm = sum_W + nh * K * K, *bv = b + nh * K, *sbv = sum_b + nh * K;
   for (int j = tid; j < K; j += kThreads) ttt_linear_z_columns<1>(kv, Wm, use_bias ? bv : nullptr, z, K, j);
   __syncthreads();
-  if (use_ln) {
-    float mu, r, mean_gx, mean_gxx;
-    ttt_ln_stats(z, K, &mu, &r);
-    for (int j = tid; j < K; j += kThreads) {
-      G[j] = ttt_ln_residual(z[j], use_residual ? vv[j] - kv[j] : vv[j], gamma[j], beta[j], mu, r, &xh[j]);
-    }
-    __syncthreads();
-    ttt_means(G, xh, K, &mean_gx, &mean_gxx);
-    __syncthreads();  // every thread has read all of G before any overwrites its entries
-    for (int j = tid; j < K; j += kThreads) G[j] = ttt_ln_grad(G[j], xh[j], r, mean_gx, mean_gxx);
-  } else {
-    for (int j = tid; j < K; j += kThreads) G[j] = z[j] - (use_residual ? vv[j] - kv[j] : vv[j]);
-  }
+  block_loss_grad<kThreads>(z, vv, kv, gamma, beta, K, use_ln, use_residual, 1.0f, G, xh);
   for (int j = tid; j < K; j += kThreads) {  // G[j] is this thread's own entry: no barrier needed
     ttt_linear_update_columns<1>(qv, kv, e, G, s, Wm, Sm, Wm, Sm, x, K, j, commit);
     if (use_bias) x[j] += ttt_linear_bias_feature(G[j], e, s, bv, sbv, bv, sbv, j, commit);
