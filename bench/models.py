@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, as when run as a script
 from timing import median_seconds  # noqa: E402
 
+from ipl_layers.cache import FastWeightCache  # noqa: E402
 from ipl_layers.models import IPLConfig, IPLForCausalLM  # noqa: E402
-from ipl_layers.state import FastWeightCache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DECODE_STEPS = 16  # tokens per timed decoding run

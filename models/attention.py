@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ipl_layers._checks import check_cu_seqlens
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.layers.padding import check_attention_mask, repad, unpad
 from ipl_layers.ops.chunking import pad_sequences
-from ipl_layers.state import FastWeightCache
 
 try:  # optional: the GPU path of training and prefill
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -213,7 +213,7 @@ class IPLAttention(nn.Module):
             o, kv_state = causal_attention(q, k, v, lengths, self.window_size, last.get("kv_state"), use_cache)
             o = back(o)  # [B, T, Hq, D] or [1, total, Hq, D]
             if use_cache:
-                past_key_values.update(self.layer_idx, offset=T, kv_state=kv_state, position=start + lengths)
+                past_key_values.update_states(self.layer_idx, offset=T, kv_state=kv_state, position=start + lengths)
 
         o = self.o_proj(o.flatten(-2))  # [B, T, hidden]
         if indices is not None:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.layers.norm import RMSNorm
-from ipl_layers.state import FastWeightCache
 
 
 class SwiGLU(nn.Module):

@@ -2,9 +2,11 @@
 `transformers` models (save/load with safetensors, `generate()`, gradient checkpointing, the Auto classes).
 
 Every layer keeps its state in one `FastWeightCache` (attention layers their keys and values, fast-weight layers
-their fast weights, optimizer sums and conv histories), passed as `cache` the way transformers 5 names it. The
-cache is not a `transformers` `Cache` (see `ipl_layers/state.py`), so `generate()` is told not to build a
-`DynamicCache` and the model creates its own on the first call with `use_cache`.
+their fast weights, optimizer sums and conv histories), passed as `cache` the way transformers 5 names it. It is a
+`transformers` `Cache` whose layers hold named states (see `ipl_layers/cache.py`); `generate()` is told not to
+build a `DynamicCache` (our layers cannot keep fast weights in one) and the model creates a `FastWeightCache` on
+the first call with `use_cache`, or takes the one passed (`generate(..., cache=cache)` to keep learning across
+calls).
 
 `attention_mask` is a [B, T] padding mask (left or right padding; with a cache it may cover past and current
 tokens). Every layer packs the real tokens away, so a padded row computes what the unpadded sequence computes;
@@ -23,12 +25,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.layers.norm import RMSNorm
 from ipl_layers.models.attention import IPLAttention
 from ipl_layers.models.blocks import IPLBlock, SwiGLU
 from ipl_layers.models.configuration_ipl import IPLConfig
 from ipl_layers.models.registry import FFNS, MIXERS
-from ipl_layers.state import FastWeightCache
 
 
 class IPLPreTrainedModel(PreTrainedModel):
@@ -39,7 +41,7 @@ class IPLPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the model keeps its own FastWeightCache; generate() must not make a DynamicCache
+        return False  # the model makes its own FastWeightCache; generate() must not make a DynamicCache
 
     def _init_weights(self, module: nn.Module):
         """Initialises only what the model itself owns: embeddings, the attention and SwiGLU projections, the

@@ -11,11 +11,14 @@ attention layer exactly (same projections, rotate-half RoPE at `rope_theta`; RoP
 reproduced).
 
 How the patched layers fit in the host model:
-- State: the host passes its own `transformers` cache (a `DynamicCache`); the patched layers keep their states in
-  a `FastWeightCache` attached to it (`cache.ipl_state`), so they live and die with the host's cache. They also
-  append one placeholder key/value column per token to their layer of the host cache, so that its
-  `get_seq_length()` (RoPE positions and masks of the remaining attention layers) stays right. Beam search is not
-  supported (the host's reorder does not reach the attached states).
+- State: pass a `FastWeightCache` as the host's cache (`model.generate(..., cache=FastWeightCache())`, or
+  `model(..., cache=cache, use_cache=True)`): it is a `transformers` `Cache`, so the host's remaining attention layers
+  keep their keys and values in it and the patched layers their fast weights, one cache that beam search reorders
+  and that snapshots, restores and saves whole. Given the host's own `DynamicCache` (the default of `generate()`),
+  the patched layers keep their states in a `FastWeightCache` attached to it (`cache.ipl_state`), living and dying
+  with it, and append one placeholder key/value column per token to their layer of the host cache so that its
+  `get_seq_length()` (RoPE positions and masks of the other layers) stays right; beam search is then not supported
+  (the host's reorder does not reach the attached states).
 - Padding: the host turns the [B, T] padding mask into 4-D causal masks before its layers; a forward pre-hook on
   the host's base model keeps the 2-D mask for the patched layers, which pack the real tokens as everywhere else.
 - Saving: the patched model's state dict holds the mixers' weights; to reload, build the original model, patch it
@@ -28,8 +31,8 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.models.registry import MIXERS
-from ipl_layers.state import FastWeightCache
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -60,13 +63,13 @@ class PatchedAttention(nn.Module):
         if mask is _NOT_2D:
             raise ValueError("patched attention: the host model got a non-2-D attention_mask; patched layers need the "
                              "[B, T] padding mask (1 keep, 0 pad)")
-        state = None
-        if cache is not None:
+        state = cache
+        if cache is not None and not isinstance(cache, FastWeightCache):
             if not hasattr(cache, "ipl_state"):
                 cache.ipl_state = FastWeightCache()
             state = cache.ipl_state
         out, _, _ = self.mixer(hidden_states, attention_mask=mask, past_key_values=state, use_cache=state is not None)
-        if cache is not None:  # one placeholder column per token: the host cache's length counts this layer too
+        if state is not cache:  # one placeholder column per token: the host cache's length counts this layer too
             B, T, _ = hidden_states.shape
             placeholder = hidden_states.new_zeros(B, 1, T, 1)  # [B, 1 head, T, 1]
             cache.update(placeholder, placeholder, self.layer_idx)

@@ -90,7 +90,7 @@ def assert_padding_mask_equals_varlen_equals_per_sample(layer, lengths, hidden, 
 def assert_prefill_decode_survives_reload(layer, hidden, path, bound, prompt=6, steps=4):
     """A left-padded float64 prompt with use_cache, the cache saved and loaded back, then one token at a time:
     equals each sample's full forward through the reference backend (outputs and final states)."""
-    from ipl_layers.state import FastWeightCache
+    from ipl_layers.cache import FastWeightCache
 
     lengths = [prompt + steps, 3 + steps]
     x, mask = left_padded(lengths, prompt + steps, torch.float64, hidden)

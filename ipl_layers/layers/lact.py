@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.layers.linear_attention import _LinearAttentionLayer
 from ipl_layers.layers.norm import RMSNorm
 from ipl_layers.layers.padding import repad
 from ipl_layers.layers.window_attention import window_attention_heads
 from ipl_layers.ops import lact
-from ipl_layers.state import FastWeightCache
 
 L2_EPS = 1e-5  # x / (||x|| + eps), as in the authors' code
 
@@ -126,7 +126,7 @@ class LaCT(_LinearAttentionLayer):
                         output_final_state=use_cache, cu_seqlens=cu_seqlens, momentum=momentum, use_muon=self.use_muon,
                         renorm=self.renorm, backend=self.backend)
         if use_cache:
-            past_key_values.update(self.layer_idx, offset=T, recurrent_state=state, attn_state=attn_state)
+            past_key_values.update_states(self.layer_idx, offset=T, recurrent_state=state, attn_state=attn_state)
 
         o = self.o_proj(a + self.ttt_norm(f).flatten(-2))  # [B, T, hidden]
         return (o if indices is None else repad(o, indices, B, T)), None, past_key_values

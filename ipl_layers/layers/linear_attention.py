@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ipl_layers._checks import check_cu_seqlens
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.layers.conv import ShortConvolution
 from ipl_layers.layers.norm import GatedRMSNorm, RMSNorm
 from ipl_layers.layers.padding import check_attention_mask, repad, unpad
 from ipl_layers.ops import linear_attention
-from ipl_layers.state import FastWeightCache
 
 FEATURE_MAPS = {
     "identity": lambda x: x,
@@ -178,7 +178,8 @@ class _LinearAttentionLayer(nn.Module):
         q, k = self._feature_map(q, k)
         o, recurrent_state = self._run_op(q, k, v, x, last.get("recurrent_state"), use_cache, cu_seqlens)
         if use_cache:
-            past_key_values.update(self.layer_idx, offset=T, recurrent_state=recurrent_state, conv_state=conv_state)
+            past_key_values.update_states(self.layer_idx, offset=T, recurrent_state=recurrent_state,
+                                          conv_state=conv_state)
 
         o = self.o_proj(self._output(o, x))  # [B, T, hidden]
         return (o if indices is None else repad(o, indices, B, T)), None, past_key_values

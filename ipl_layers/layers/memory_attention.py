@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.layers.delta_rule import mamba2_decay_parameters, mamba2_log_decay
 from ipl_layers.layers.linear_attention import _LinearAttentionLayer
 from ipl_layers.layers.padding import repad
 from ipl_layers.layers.window_attention import window_attention_heads
 from ipl_layers.ops import delta_rule, linear_attention
 from ipl_layers.ops.chunking import pad_sequences
-from ipl_layers.state import FastWeightCache
 
 MEMORIES = ("gated_deltanet", "delta_rule", "linear_attention")
 
@@ -140,8 +140,8 @@ class MemoryAttention(_LinearAttentionLayer):
         written, queue = shift_into_memory(writes, queue, cu_seqlens)
         m, state = self._read_memory(q, written, last.get("recurrent_state"), use_cache, cu_seqlens)
         if use_cache:
-            past_key_values.update(self.layer_idx, offset=T, recurrent_state=state, attn_state=attn_state,
-                                   memory_queue=queue)
+            past_key_values.update_states(self.layer_idx, offset=T, recurrent_state=state, attn_state=attn_state,
+                                          memory_queue=queue)
 
         gate = torch.sigmoid(self.gate).to(m.dtype)[:, None]  # [H, 1]
         o = self.o_proj(a + (gate * m).flatten(-2))  # [B, T, hidden]

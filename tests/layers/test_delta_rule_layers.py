@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from helpers import assert_rel_rms
 from layer_checks import assert_gradients_match, assert_states, left_padded, per_sample, with_backend
 
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.layers import DeltaNet, GatedDeltaNet
 from ipl_layers.ops import delta_rule_reference
-from ipl_layers.state import FastWeightCache
 
 FP32_BOUND = 2e-5  # float32 torch and Triton paths vs float64 reference
 FP64_BOUND = 1e-10  # float64 torch path vs float64 reference (same math, different order)

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from helpers import assert_rel_rms
 from layer_checks import assert_gradients_match, assert_states, left_padded, per_sample, with_backend
 
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.layers import LaCT
 from ipl_layers.ops import lact_reference
-from ipl_layers.state import FastWeightCache, LaCTState
+from ipl_layers.state import LaCTState
 
 # float32 torch path vs the float64 reference: measured <= 4.1e-6 on outputs and states (Muon on) and <= 1.2e-6
 # on gradients without Muon; gradients through Muon measured <= 2.0e-4 (dlr_proj.bias: the Newton-Schulz

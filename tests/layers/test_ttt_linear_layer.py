@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from helpers import assert_rel_rms
 from layer_checks import assert_gradients_match, assert_states, left_padded, per_sample, with_backend
 
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.layers import TTTLinear
 from ipl_layers.ops import ttt_linear_reference
-from ipl_layers.state import FastWeightCache, TTTLinearState
+from ipl_layers.state import TTTLinearState
 
 # float32 torch path vs the float64 reference: measured <= 2e-6 on outputs, states and gradients here.
 FP32_BOUND = 2e-5

@@ -5,8 +5,8 @@ with per-layer update norms since a snapshot."""
 import pytest
 import torch
 
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.models import IPLConfig, IPLForCausalLM
-from ipl_layers.state import FastWeightCache
 
 MIXERS = ["attn", "swa", "ttt_linear", "gated_deltanet", "titans"]
 

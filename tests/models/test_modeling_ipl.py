@@ -8,8 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import ipl_layers  # noqa: F401  (registers the Auto classes)
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.models import MIXERS, IPLConfig, IPLForCausalLM, IPLModel, register_mixer
-from ipl_layers.state import FastWeightCache
 
 TOL = 1e-5  # relative RMS error between fp32 logits computed two ways (same weights)
 VOCAB = 64

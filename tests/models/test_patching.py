@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from ipl_layers.cache import FastWeightCache
 from ipl_layers.models import patch_attention
 from ipl_layers.models.patching import PatchedAttention
 
@@ -81,3 +82,32 @@ def test_patch_errors():
         patch_attention(model, [1], "attn")
     with pytest.raises(ValueError, match=r"expected a decoder with model.layers\[i\].self_attn"):
         patch_attention(torch.nn.Linear(2, 2), [0], "attn")
+
+
+@pytest.mark.parametrize("config_cls, model_cls", HOSTS)
+@torch.no_grad()
+def test_patched_host_with_one_fast_weight_cache(config_cls, model_cls):
+    """Given a FastWeightCache, the host's attention layers keep keys/values and the patched layers fast weights in
+    it: greedy and beam generate() equal generate() without a cache, and a snapshot restores exactly."""
+    model = model_cls(config_cls(**SIZES)).eval()
+    patch_attention(model, [0, 2], "gated_deltanet")
+    ids, mask = left_padded_batch()
+    cache = FastWeightCache()
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, cache=cache)
+    assert torch.equal(generated, greedy_by_full_forwards(model, ids, mask, 5))
+    assert sorted(cache[1]) == ["keys", "seen_tokens", "values"], "the host's attention layer keeps keys/values"
+    assert "recurrent_state" in cache[0] and "recurrent_state" in cache[2]
+    assert [cache.get_seq_length(i) for i in range(3)] == [ids.shape[1] + 4] * 3  # the last token is not fed back
+    assert not hasattr(cache, "ipl_state")
+
+    beams = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=3)
+    assert torch.equal(model.generate(ids, cache=FastWeightCache(), **beams), model.generate(ids, use_cache=False,
+                                                                                          **beams))
+
+    prompt = model(ids, attention_mask=mask, cache=FastWeightCache(), use_cache=True)
+    before = prompt.cache.snapshot()
+    step = torch.randint(1, VOCAB, (2, 1))
+    step_mask = torch.cat([mask, torch.ones_like(step)], 1)
+    first = model(step, attention_mask=step_mask, cache=prompt.cache, use_cache=True).logits
+    again = model(step, attention_mask=step_mask, cache=prompt.cache.restore(before), use_cache=True).logits
+    assert torch.equal(first, again)
