@@ -101,6 +101,7 @@ setup(
     # ipl-bench runs bench/ipl_bench.py of the checkout an editable install points at (ipl_layers/bench_cli.py)
     entry_points={"console_scripts": ["ipl-train = ipl_layers.models.train:main",
                                       "ipl-eval = ipl_layers.models.evaluate:main",
+                                      "ipl-retrofit = ipl_layers.models.retrofit:main",
                                       "ipl-bench = ipl_layers.bench_cli:main"]},
     ext_modules=[ext] if ext is not None else [],
     cmdclass=cmdclass,

@@ -15,21 +15,17 @@ the raw numbers to <out>.md and <out>.json; the load averages show whether other
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, as when run as a script
-from timing import median_seconds  # noqa: E402
+from timing import decode_tokens_per_second, median_seconds  # noqa: E402
 
-from ipl_layers.cache import FastWeightCache  # noqa: E402
 from ipl_layers.models import IPLConfig, IPLForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DECODE_STEPS = 16  # tokens per timed decoding run
 
 
 def parse_args(argv):
@@ -75,24 +71,6 @@ def train_tokens_per_second(model, T, vocab, min_run_time):
 
     median, iqr, calls = median_seconds(step, min_run_time)
     return {"tokens_per_s": T / median, "median_s": median, "iqr_s": iqr, "calls": calls}
-
-
-@torch.no_grad()
-def decode_tokens_per_second(model, context, vocab, runs):
-    """Prefill `context` tokens once (untimed), then time DECODE_STEPS one-token steps from a copy of that state."""
-    model.eval()
-    prefilled = FastWeightCache()
-    model(torch.randint(0, vocab, (1, context)), cache=prefilled, use_cache=True)
-    token = torch.randint(0, vocab, (1, 1))
-    seconds = []
-    for _ in range(runs):
-        cache = prefilled.snapshot()  # every run starts at the same context
-        start = time.perf_counter()
-        for _ in range(DECODE_STEPS):
-            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        seconds.append(time.perf_counter() - start)
-    median = statistics.median(seconds)
-    return {"tokens_per_s": DECODE_STEPS / median, "median_s": median, "runs": runs}
 
 
 def markdown(info, rows):

@@ -1,7 +1,10 @@
-"""What one benchmark case costs: median wall time, peak tensor memory, and the machine's matmul rate."""
+"""What one benchmark case costs: median wall time, peak tensor memory, the machine's matmul rate, a model's
+decoding rate."""
 
 import os
+import statistics
 import sys
+import time
 from contextlib import contextmanager
 from typing import Callable, Tuple
 
@@ -9,8 +12,11 @@ import torch
 import torch.utils.benchmark as benchmark
 from torch.profiler import ProfilerActivity, profile
 
+from ipl_layers.cache import FastWeightCache
+
 STABLE_IQR = 0.1  # stop timing once the interquartile range is within 10% of the median
 MAX_RUN_TIMES = 10  # give up on stability after this many times the minimum run time
+DECODE_STEPS = 16  # tokens per timed decoding run
 
 
 def median_seconds(fn: Callable[[], object], min_run_time: float) -> Tuple[float, float, int]:
@@ -76,3 +82,21 @@ def matmul_flops_per_second(n: int = 2048, min_run_time: float = 1.0) -> Tuple[f
     b = torch.randn(n, n, dtype=torch.float32)
     seconds = median_seconds(lambda: torch.mm(a, b), min_run_time)[0]
     return 2.0 * n**3 / seconds, seconds
+
+
+@torch.no_grad()
+def decode_tokens_per_second(model, context: int, vocab: int, runs: int, steps: int = DECODE_STEPS) -> dict:
+    """Prefill `context` tokens once (untimed), then time `steps` one-token steps from a copy of that state."""
+    model.eval()
+    prefilled = FastWeightCache()
+    model(torch.randint(0, vocab, (1, context)), cache=prefilled, use_cache=True)
+    token = torch.randint(0, vocab, (1, 1))
+    seconds = []
+    for _ in range(runs):
+        cache = prefilled.snapshot()  # every run starts at the same context
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds)
+    return {"tokens_per_s": steps / median, "median_s": median, "runs": runs}

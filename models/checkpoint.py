@@ -12,10 +12,10 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Optional
+from typing import List, Optional
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 FILES = ("model.safetensors", "trainer.pt")
 MANIFEST = "manifest.json"
@@ -42,13 +42,19 @@ def _replace_atomically(path: str, text: str):
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, trainer_state: dict, keep: int = 2) -> str:
-    """Writes `run_dir/step-<step>/` atomically, points `run_dir/latest` at it, keeps the last `keep` ones."""
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, trainer_state: dict, keep: int = 2,
+                    only: Optional[List[str]] = None) -> str:
+    """Writes `run_dir/step-<step>/` atomically, points `run_dir/latest` at it, keeps the last `keep` ones.
+    `only`: the names of the parameters to store (a model whose other weights come from elsewhere)."""
     name = f"step-{step:08d}"
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash during an earlier save
     os.makedirs(tmp)
-    save_model(model, os.path.join(tmp, FILES[0]))  # handles the tied embedding / head weights
+    if only is None:
+        save_model(model, os.path.join(tmp, FILES[0]))  # handles the tied embedding / head weights
+    else:
+        params = dict(model.named_parameters())
+        save_file({name: params[name].detach().contiguous() for name in only}, os.path.join(tmp, FILES[0]))
     torch.save(trainer_state, os.path.join(tmp, FILES[1]))
     manifest = {"step": step, "files": {f: {"size": os.path.getsize(os.path.join(tmp, f)),
                                             "sha256": _sha256(os.path.join(tmp, f))} for f in FILES}}
@@ -95,10 +101,22 @@ def verify_checkpoint(path: str) -> dict:
     return files
 
 
-def load_checkpoint(path: str, model: torch.nn.Module) -> dict:
-    """Verifies `path`, loads its weights into `model` and returns the trainer state."""
+def load_checkpoint(path: str, model: torch.nn.Module, partial: bool = False) -> dict:
+    """Verifies `path`, loads its weights into `model` and returns the trainer state. `partial`: the checkpoint
+    holds some of the model's parameters (saved with `only`); each must exist in the model with its shape."""
     verify_checkpoint(path)
-    load_model(model, os.path.join(path, FILES[0]))
+    if not partial:
+        load_model(model, os.path.join(path, FILES[0]))
+    else:
+        params, stored = dict(model.named_parameters()), load_file(os.path.join(path, FILES[0]))
+        for name, value in stored.items():  # all checked before any is copied
+            if name not in params or params[name].shape != value.shape:
+                got = tuple(params[name].shape) if name in params else "no such parameter"
+                raise CheckpointError(f"checkpoint {path!r}: {name} {tuple(value.shape)} does not fit the model "
+                                      f"({got}); not loaded")
+        with torch.no_grad():
+            for name, value in stored.items():
+                params[name].copy_(value)
     return torch.load(os.path.join(path, FILES[1]), weights_only=True)
 
 
