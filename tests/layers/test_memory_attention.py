@@ -1,8 +1,9 @@
-"""The MemoryAttention layer: the formula against a hand composition (dense banded softmax attention and the
-op's reference on inputs shifted by a Python loop), its two limits (window past the sequence: causal attention;
-window 0 with the gate open: the bare memory op), every path (padding mask, cu_seqlens, prefill + decode
-through a saved cache) against the float64 reference backend one sample at a time, gradients, the cache size
-while decoding far past the window, and input errors."""
+"""The MemoryAttention layer, for every memory: the formula against a hand composition (dense banded softmax
+attention and the op's reference on inputs shifted by a Python loop), its two limits (window past the sequence:
+causal attention; window 0 with the gate open: the bare memory op), every path (padding mask, cu_seqlens,
+prefill + decode through a saved cache, stopping inside TTT mini-batches and Titans chunks) against the float64
+reference backend one sample at a time, gradients, the memory left exactly as it started before the first
+eviction, the cache size while decoding far past the window, and input errors."""
 
 import math
 
@@ -19,23 +20,50 @@ from layer_checks import (
 
 from ipl_layers.layers import MemoryAttention
 from ipl_layers.layers.delta_rule import mamba2_log_decay
-from ipl_layers.ops import delta_rule_reference, linear_attention_reference
+from ipl_layers.ops import (delta_rule_reference, linear_attention_reference, titans_memory_reference,
+                            ttt_linear_reference)
+from ipl_layers.state import TitansState, TTTLinearState
 
 # float32 torch path vs the float64 reference: measured <= 6e-7 on outputs and states and <= 2e-6 on gradients;
-# ~20x headroom. float64 agrees to rounding (measured <= 1e-15).
+# ~20x headroom. float64 agrees to rounding (measured <= 2e-15).
 FP32_BOUND = 5e-5
 FP64_BOUND = 1e-10
 
 HIDDEN, HEADS, WINDOW = 16, 2, 3
 LENGTHS = [11, 5, 1, 0]  # past the window, two tokens past it, a single token, all padding
-MEMORIES = ("gated_deltanet", "delta_rule", "linear_attention")
+MEMORIES = ("gated_deltanet", "delta_rule", "linear_attention", "ttt_linear", "titans")
+MINI_BATCH = 4  # TTT mini-batch / Titans chunk: the prompts and decoding below stop inside one
 
 
 def make_layer(memory="gated_deltanet", window=WINDOW, **kw) -> MemoryAttention:
-    layer = MemoryAttention(HIDDEN, num_heads=HEADS, window_size=window, memory=memory, layer_idx=0, **kw)
+    layer = MemoryAttention(HIDDEN, num_heads=HEADS, window_size=window, memory=memory, layer_idx=0,
+                            mini_batch_size=MINI_BATCH, **kw)
     with torch.no_grad():
         layer.gate.normal_()  # gates away from their shared initial value, so a mixed-up head shows
     return layer
+
+
+def memory_reference(layer, x, q, k, v, shift):
+    """The memory op's float64 reference on q, k, v [B, T, H, D] and the layer's gates of x, every write (k, v
+    and gates) passed through `shift`."""
+    if layer.memory == "linear_attention":
+        return linear_attention_reference(F.normalize(q, dim=-1), shift(F.normalize(k, dim=-1)), shift(v))[0]
+    beta = shift(torch.sigmoid(layer.b_proj(x)))  # [B, T, H]
+    if layer.memory in ("gated_deltanet", "delta_rule"):
+        g = shift(mamba2_log_decay(layer.a_proj(x), layer.A_log, layer.dt_bias)) \
+            if layer.memory == "gated_deltanet" else None
+        return delta_rule_reference(q, shift(k), shift(v), beta, g, use_qk_l2norm=True)[0]
+    N, D = x.shape[0], HIDDEN // HEADS
+    q, k = F.normalize(q, dim=-1), shift(F.normalize(k, dim=-1))
+    if layer.memory == "ttt_linear":
+        start = (layer.memory_W0.expand(N, HEADS, D, D), layer.memory_b0.expand(N, HEADS, D))
+        return ttt_linear_reference(q, k, shift(v), layer.base_lr / D * beta, ln_weight=layer.memory_norm_weight,
+                                    ln_bias=layer.memory_norm_bias, mini_batch_size=MINI_BATCH, initial_state=start,
+                                    use_residual=False)[0]
+    eta, alpha = shift(torch.sigmoid(layer.eta_alpha_proj(x))).unflatten(-1, (2, HEADS)).unbind(-2)
+    start = tuple(w.expand(N, *w.shape) for w in layer.memory_weights)
+    return titans_memory_reference(q, k, shift(v), layer.base_lr * beta, eta, alpha, chunk_size=MINI_BATCH,
+                                   initial_state=start, use_residual=False)[0]
 
 
 def hand_composition(layer, x):
@@ -48,13 +76,7 @@ def hand_composition(layer, x):
     scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
     a = torch.einsum("bhts,bshd->bthd", scores.masked_fill(~band, -math.inf).softmax(-1).nan_to_num(), v)
     shift = lambda y: torch.stack([y[:, t - W] if t >= W else torch.zeros_like(y[:, 0]) for t in range(T)], 1)  # noqa: E731
-    if layer.memory == "linear_attention":
-        m, _ = linear_attention_reference(F.normalize(q, dim=-1), shift(F.normalize(k, dim=-1)), shift(v))
-    else:
-        beta = shift(torch.sigmoid(layer.b_proj(x)))
-        g = shift(mamba2_log_decay(layer.a_proj(x), layer.A_log, layer.dt_bias)) \
-            if layer.memory == "gated_deltanet" else None
-        m, _ = delta_rule_reference(q, shift(k), shift(v), beta, g, use_qk_l2norm=True)
+    m = memory_reference(layer, x, q, k, v, shift)
     return layer.o_proj((a + torch.sigmoid(layer.gate)[:, None] * m).flatten(-2))
 
 
@@ -81,11 +103,7 @@ def test_window_zero_with_the_gate_open_is_the_bare_memory_op(memory):
         layer.gate.fill_(50.0)  # sigmoid(50) rounds to 1 in float64
     x = torch.randn(2, 13, HIDDEN, dtype=torch.float64)
     q, k, v = (p(x).unflatten(-1, (HEADS, -1)) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
-    if memory == "linear_attention":
-        m, _ = linear_attention_reference(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v)
-    else:
-        g = mamba2_log_decay(layer.a_proj(x), layer.A_log, layer.dt_bias) if memory == "gated_deltanet" else None
-        m, _ = delta_rule_reference(q, k, v, torch.sigmoid(layer.b_proj(x)), g, use_qk_l2norm=True)
+    m = memory_reference(layer, x, q, k, v, lambda y: y)
     assert_rel_rms("out", layer(x)[0], layer.o_proj(m.flatten(-2)), FP64_BOUND)
 
 
@@ -93,7 +111,8 @@ def test_window_zero_with_the_gate_open_is_the_bare_memory_op(memory):
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, FP32_BOUND), (torch.float64, FP64_BOUND)])
 def test_padding_mask_equals_varlen_equals_per_sample(memory, dtype, bound):
     layer = with_backend(make_layer(memory), "torch", dtype)
-    assert_padding_mask_equals_varlen_equals_per_sample(layer, LENGTHS, HIDDEN, dtype, bound, torch.Tensor)
+    state_type = {"ttt_linear": TTTLinearState, "titans": TitansState}.get(memory, torch.Tensor)
+    assert_padding_mask_equals_varlen_equals_per_sample(layer, LENGTHS, HIDDEN, dtype, bound, state_type)
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
@@ -109,23 +128,52 @@ def test_gradients_match_float64(memory):
     assert_gradients_match(layer, ref, LENGTHS[:3], max(LENGTHS), HIDDEN, FP32_BOUND)
 
 
-def test_cache_size_is_constant_while_decoding_ten_windows():
-    layer = make_layer(window=4)
+@pytest.mark.parametrize("memory", MEMORIES)
+@torch.no_grad()
+def test_rows_before_the_first_eviction_leave_the_memory_untouched(memory):
+    """A prompt shorter than the window, then a decoded token still inside it: every memory row so far is a zero
+    row, and the state must be exactly the start state (TTT: start weights, zero gradient sums; Titans: start
+    weights, zero momentum; the others: zeros), through the chunked forward and the decoding step alike."""
+    layer = make_layer(memory, window=6)
+    x = torch.randn(2, 5, HIDDEN)
+    _, _, cache = layer(x[:, :4], use_cache=True)
+    _, _, cache = layer(x[:, 4:], past_key_values=cache, use_cache=True)
+    state = cache[0]["recurrent_state"]
+    if memory == "ttt_linear":
+        assert torch.equal(state.W, layer.memory_W0.expand_as(state.W))
+        assert torch.equal(state.b, layer.memory_b0.expand_as(state.b))
+        assert not state.sum_W.any() and not state.sum_b.any()
+    elif memory == "titans":
+        for start, weights, p in zip(state.start, state.weights, layer.memory_weights):
+            assert torch.equal(start, p.expand_as(start)) and torch.equal(weights, p.expand_as(weights))
+        assert not any(m.any() for m in state.momentum)
+    else:
+        assert not state.any()
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_cache_size_is_constant_while_decoding_ten_windows(memory):
+    layer = make_layer(memory, window=4)
     x = torch.randn(2, 1, HIDDEN)
     _, _, cache = layer(torch.randn(2, 6, HIDDEN), use_cache=True)
     sizes = set()
     for _ in range(40):
         _, _, cache = layer(x, past_key_values=cache, use_cache=True)
         state = cache[0]
-        tensors = [state["recurrent_state"], state["memory_queue"], *state["attn_state"]]
+        recurrent = state["recurrent_state"]
+        tensors = [*(recurrent if isinstance(recurrent, tuple) else (recurrent,)), state["memory_queue"],
+                   *state["attn_state"]]
         sizes.add(sum(t.numel() for t in tensors))
     assert len(sizes) == 1, f"the cache grew while decoding: {sorted(sizes)} elements"
 
 
 @pytest.mark.parametrize("kw, match", [
     ({"window_size": -1}, "window_size: expected an int >= 0, got -1"),
-    ({"memory": "titans"}, r"memory: expected one of \('gated_deltanet', 'delta_rule', 'linear_attention'\)"),
+    ({"memory": "ttt"}, r"memory: expected one of \('gated_deltanet', .*'titans'\), got 'ttt'"),
     ({"dt_min": 0.2, "dt_max": 0.1}, "MemoryAttention: expected 0 < dt_min <= dt_max"),
+    ({"memory": "ttt_linear", "mini_batch_size": 0}, "mini_batch_size: expected a positive int, got 0"),
+    ({"memory": "titans", "memory_depth": 1.5}, "memory_depth: expected a positive int, got 1.5"),
+    ({"memory": "titans", "base_lr": -0.1}, r"base_lr: expected > 0 \(or None for the memory's default\), got -0.1"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
