@@ -35,6 +35,11 @@ memory inputs of the last W tokens ("memory_queue" [N, W, C]: the tokens still t
 followed by token-by-token decoding equals one forward (mid-mini-batch and mid-chunk too) and the cache size is
 constant in the context length.
 
+Attention sinks (`num_sink_tokens` S, StreamingLLM): the first S tokens of each sequence stay keys of every later
+query besides its window (`window_attention`), and the cache keeps them. They are not written into the memory
+when they leave the window (the attention still sees them exactly): their memory rows are zero rows like those
+above, so the first real write is token S at step S + W, after S + W no-op rows.
+
 `window_size=0` leaves only the memory (every token written at its own step, as the bare op); a window longer
 than the sequence leaves only attention (nothing is ever written).
 """
@@ -76,6 +81,18 @@ def shift_into_memory(x: torch.Tensor, queue: torch.Tensor, cu_seqlens: Optional
     return back(timeline[:, : rows.shape[1]]), rest
 
 
+def sequence_positions(seen: torch.Tensor, total: int, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each row's position in its sequence, earlier calls included: seen [N] tokens per sequence before this call
+    -> [N, total] (or [1, total] for packed rows with cu_seqlens)."""
+    rows = torch.arange(total, device=seen.device)
+    if cu_seqlens is None:
+        return seen[:, None] + rows
+    starts, lengths = cu_seqlens[:-1].long(), torch.diff(cu_seqlens.long())
+    sequence = torch.repeat_interleave(torch.arange(lengths.numel(), device=seen.device), lengths,
+                                       output_size=total)  # [total]: the sequence of each row
+    return (seen[sequence] + rows - starts[sequence])[None]
+
+
 class MemoryAttention(_LinearAttentionLayer):
     """Sliding-window attention plus a fast-weight memory of the tokens that left the window; see the module
     docstring.
@@ -91,6 +108,8 @@ class MemoryAttention(_LinearAttentionLayer):
         base_lr: scales the write strength into the learning rate ("ttt_linear": eta = base_lr / D * beta,
             default 1; "titans": theta = base_lr * beta, default 0.1).
         memory_depth: the Titans memory MLP's depth L ("titans"; 1 is a linear map).
+        num_sink_tokens: S >= 0 attention sinks per sequence (needs window_size >= 1); never written into the
+            memory.
     """
 
     def __init__(
@@ -105,6 +124,7 @@ class MemoryAttention(_LinearAttentionLayer):
         mini_batch_size: int = 16,
         base_lr: Optional[float] = None,
         memory_depth: int = 2,
+        num_sink_tokens: int = 0,
         layer_idx: Optional[int] = None,
         backend: Optional[str] = None,
     ):
@@ -113,6 +133,11 @@ class MemoryAttention(_LinearAttentionLayer):
             raise ValueError(f"MemoryAttention: window_size: expected an int >= 0, got {window_size!r}")
         if memory not in MEMORIES:
             raise ValueError(f"MemoryAttention: memory: expected one of {MEMORIES}, got {memory!r}")
+        if not isinstance(num_sink_tokens, int) or num_sink_tokens < 0:
+            raise ValueError(f"MemoryAttention: num_sink_tokens: expected an int >= 0, got {num_sink_tokens!r}")
+        if num_sink_tokens and window_size == 0:
+            raise ValueError(f"MemoryAttention: num_sink_tokens: expected 0 with window_size = 0 (no attention to "
+                             f"keep sinks for), got {num_sink_tokens}")
         for arg, value in (("mini_batch_size", mini_batch_size), ("memory_depth", memory_depth)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MemoryAttention: {arg}: expected a positive int, got {value!r}")
@@ -120,6 +145,7 @@ class MemoryAttention(_LinearAttentionLayer):
             raise ValueError(f"MemoryAttention: base_lr: expected > 0 (or None for the memory's default), got {base_lr}")
         H, D = num_heads, self.head_k_dim
         self.window_size, self.memory, self.mini_batch_size = window_size, memory, mini_batch_size
+        self.num_sink_tokens = num_sink_tokens
         self.base_lr = BASE_LR.get(memory) if base_lr is None else float(base_lr)
         self.gate = nn.Parameter(torch.full((H,), float(gate_init)))  # [H] logits
         self.b_proj = nn.Linear(hidden_size, H, bias=False) if memory != "linear_attention" else None
@@ -193,13 +219,17 @@ class MemoryAttention(_LinearAttentionLayer):
         B, T = hidden_states.shape[:2]
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H * D]
-        attn_state = None
+        attn_past, attn_state = last.get("attn_state"), None
         if self.window_size > 0:
             a, attn_state = window_attention_heads(q, k, v, self.num_heads, self.window_size, cu_seqlens,
-                                                   last.get("attn_state"), use_cache)
+                                                   attn_past, use_cache, self.num_sink_tokens)
         else:
             a = torch.zeros_like(v)
         writes = self._memory_inputs(k, v, x)  # [B, T, C]
+        if self.num_sink_tokens:  # the sinks' rows write nothing: the attention keeps them (module docstring)
+            seen = attn_past[5] if attn_past is not None else torch.zeros(N, dtype=torch.long, device=x.device)
+            sinks = sequence_positions(seen.to(x.device), x.shape[1], cu_seqlens) < self.num_sink_tokens  # [B, T]
+            writes = writes.masked_fill(sinks[..., None], 0.0)
         queue = last.get("memory_queue")
         if queue is None:  # nothing has left the window yet: zero rows write nothing (module docstring)
             queue = writes.new_zeros(N, self.window_size, writes.shape[-1])

@@ -1,4 +1,4 @@
-"""The MemoryAttention layer, for every memory: the formula against a hand composition (dense banded softmax
+"""The MemoryAttention layer, for every memory, with and without attention sinks: the formula against a hand composition (dense banded softmax
 attention and the op's reference on inputs shifted by a Python loop), its two limits (window past the sequence:
 causal attention; window 0 with the gate open: the bare memory op), every path (padding mask, cu_seqlens,
 prefill + decode through a saved cache, stopping inside TTT mini-batches and Titans chunks) against the float64
@@ -33,6 +33,7 @@ HIDDEN, HEADS, WINDOW = 16, 2, 3
 LENGTHS = [11, 5, 1, 0]  # past the window, two tokens past it, a single token, all padding
 MEMORIES = ("gated_deltanet", "delta_rule", "linear_attention", "ttt_linear", "titans")
 MINI_BATCH = 4  # TTT mini-batch / Titans chunk: the prompts and decoding below stop inside one
+SINKS = [0, 2]  # without and with attention sinks
 
 
 def make_layer(memory="gated_deltanet", window=WINDOW, **kw) -> MemoryAttention:
@@ -67,23 +68,25 @@ def memory_reference(layer, x, q, k, v, shift):
 
 
 def hand_composition(layer, x):
-    """The module docstring's formula written out in float64 for x [1, T, hidden]."""
+    """The module docstring's formula written out in float64 for x [1, T, hidden]: keys t-W+1 .. t and the
+    sinks before them; the memory written at step t with token t-W unless it is a sink."""
     layer = layer.double()
-    T, H, D, W = x.shape[1], HEADS, HIDDEN // HEADS, layer.window_size
+    T, H, D, W, S = x.shape[1], HEADS, HIDDEN // HEADS, layer.window_size, layer.num_sink_tokens
     q, k, v = (p(x).view(1, T, H, D) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
     i, j = torch.arange(T)[:, None], torch.arange(T)[None]
-    band = (j <= i) & (j > i - W)  # keys t-W+1 .. t
+    keys = ((j <= i) & (j > i - W)) | ((j < S) & (j <= i - W))  # [T, T]
     scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
-    a = torch.einsum("bhts,bshd->bthd", scores.masked_fill(~band, -math.inf).softmax(-1).nan_to_num(), v)
-    shift = lambda y: torch.stack([y[:, t - W] if t >= W else torch.zeros_like(y[:, 0]) for t in range(T)], 1)  # noqa: E731
+    a = torch.einsum("bhts,bshd->bthd", scores.masked_fill(~keys, -math.inf).softmax(-1).nan_to_num(), v)
+    shift = lambda y: torch.stack([y[:, t - W] if t - W >= S else torch.zeros_like(y[:, 0]) for t in range(T)], 1)  # noqa: E731
     m = memory_reference(layer, x, q, k, v, shift)
     return layer.o_proj((a + torch.sigmoid(layer.gate)[:, None] * m).flatten(-2))
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("window", [1, WINDOW, 20])
-def test_formula_matches_hand_composition(memory, window):
-    layer = with_backend(make_layer(memory, window), "torch", torch.float64)
+@pytest.mark.parametrize("sinks", SINKS)
+def test_formula_matches_hand_composition(memory, window, sinks):
+    layer = with_backend(make_layer(memory, window, num_sink_tokens=sinks), "torch", torch.float64)
     x = torch.randn(1, 13, HIDDEN, dtype=torch.float64)
     assert_rel_rms("out", layer(x)[0], hand_composition(layer, x), FP64_BOUND)
 
@@ -108,22 +111,25 @@ def test_window_zero_with_the_gate_open_is_the_bare_memory_op(memory):
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
+@pytest.mark.parametrize("sinks", SINKS)
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, FP32_BOUND), (torch.float64, FP64_BOUND)])
-def test_padding_mask_equals_varlen_equals_per_sample(memory, dtype, bound):
-    layer = with_backend(make_layer(memory), "torch", dtype)
+def test_padding_mask_equals_varlen_equals_per_sample(memory, sinks, dtype, bound):
+    layer = with_backend(make_layer(memory, num_sink_tokens=sinks), "torch", dtype)
     state_type = {"ttt_linear": TTTLinearState, "titans": TitansState}.get(memory, torch.Tensor)
     assert_padding_mask_equals_varlen_equals_per_sample(layer, LENGTHS, HIDDEN, dtype, bound, state_type)
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
-def test_prefill_decode_equals_forward_through_a_saved_cache(memory, tmp_path):
-    layer = with_backend(make_layer(memory), "torch", torch.float64)
+@pytest.mark.parametrize("sinks", SINKS)
+def test_prefill_decode_equals_forward_through_a_saved_cache(memory, sinks, tmp_path):
+    layer = with_backend(make_layer(memory, num_sink_tokens=sinks), "torch", torch.float64)
     assert_prefill_decode_survives_reload(layer, HIDDEN, tmp_path / "cache.safetensors", FP64_BOUND)
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
-def test_gradients_match_float64(memory):
-    layer = with_backend(make_layer(memory), "torch", torch.float32)
+@pytest.mark.parametrize("sinks", SINKS)
+def test_gradients_match_float64(memory, sinks):
+    layer = with_backend(make_layer(memory, num_sink_tokens=sinks), "torch", torch.float32)
     ref = with_backend(layer, "reference", torch.float64)
     assert_gradients_match(layer, ref, LENGTHS[:3], max(LENGTHS), HIDDEN, FP32_BOUND)
 
@@ -152,8 +158,9 @@ def test_rows_before_the_first_eviction_leave_the_memory_untouched(memory):
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
-def test_cache_size_is_constant_while_decoding_ten_windows(memory):
-    layer = make_layer(memory, window=4)
+@pytest.mark.parametrize("sinks", SINKS)
+def test_cache_size_is_constant_while_decoding_ten_windows(memory, sinks):
+    layer = make_layer(memory, window=4, num_sink_tokens=sinks)
     x = torch.randn(2, 1, HIDDEN)
     _, _, cache = layer(torch.randn(2, 6, HIDDEN), use_cache=True)
     sizes = set()
@@ -171,6 +178,8 @@ def test_cache_size_is_constant_while_decoding_ten_windows(memory):
     ({"window_size": -1}, "window_size: expected an int >= 0, got -1"),
     ({"memory": "ttt"}, r"memory: expected one of \('gated_deltanet', .*'titans'\), got 'ttt'"),
     ({"dt_min": 0.2, "dt_max": 0.1}, "MemoryAttention: expected 0 < dt_min <= dt_max"),
+    ({"num_sink_tokens": -2}, "num_sink_tokens: expected an int >= 0, got -2"),
+    ({"window_size": 0, "num_sink_tokens": 2}, "num_sink_tokens: expected 0 with window_size = 0 .*, got 2"),
     ({"memory": "ttt_linear", "mini_batch_size": 0}, "mini_batch_size: expected a positive int, got 0"),
     ({"memory": "titans", "memory_depth": 1.5}, "memory_depth: expected a positive int, got 1.5"),
     ({"memory": "titans", "base_lr": -0.1}, r"base_lr: expected > 0 \(or None for the memory's default\), got -0.1"),
