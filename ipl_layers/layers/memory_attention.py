@@ -8,6 +8,10 @@ a fast-weight memory that the current query reads.
           memory's other gates), the token that has just left the window, then reads with q_t
     out = o_proj(a + sigmoid(gate_h) * m)                      gate [H], learned per head
 
+With `adapter_rank` r > 0 the memory reads and writes q + B_q A_q x, k + B_k A_k x, v + B_v A_v x instead
+(low-rank adapters, A [r, hidden], B [H * D, r] zero at the start, so the layer starts as without them): with
+the gates, what a retrofit of a trained attention layer would train, the attention left as it is.
+
 The memories, each per head on the same q, k, v:
 - "gated_deltanet" / "delta_rule": the delta rule with learning rate beta (and for the first the Mamba2-style
   decay g = -exp(A_log) softplus(W_a x + dt_bias)); q, k L2-normalised inside the op.
@@ -93,6 +97,14 @@ def sequence_positions(seen: torch.Tensor, total: int, cu_seqlens: Optional[torc
     return (seen[sequence] + rows - starts[sequence])[None]
 
 
+def low_rank_adapter(hidden_size: int, dim: int, rank: int) -> nn.Sequential:
+    """x [.., hidden_size] -> B A x [.., dim] through rank `rank`; B starts at zero (so does its output), A as
+    nn.Linear initialises it."""
+    adapter = nn.Sequential(nn.Linear(hidden_size, rank, bias=False), nn.Linear(rank, dim, bias=False))
+    nn.init.zeros_(adapter[1].weight)
+    return adapter
+
+
 class MemoryAttention(_LinearAttentionLayer):
     """Sliding-window attention plus a fast-weight memory of the tokens that left the window; see the module
     docstring.
@@ -110,6 +122,7 @@ class MemoryAttention(_LinearAttentionLayer):
         memory_depth: the Titans memory MLP's depth L ("titans"; 1 is a linear map).
         num_sink_tokens: S >= 0 attention sinks per sequence (needs window_size >= 1); never written into the
             memory.
+        adapter_rank: r >= 0, the rank of the memory's q/k/v adapters (0: none).
     """
 
     def __init__(
@@ -125,6 +138,7 @@ class MemoryAttention(_LinearAttentionLayer):
         base_lr: Optional[float] = None,
         memory_depth: int = 2,
         num_sink_tokens: int = 0,
+        adapter_rank: int = 0,
         layer_idx: Optional[int] = None,
         backend: Optional[str] = None,
     ):
@@ -138,6 +152,8 @@ class MemoryAttention(_LinearAttentionLayer):
         if num_sink_tokens and window_size == 0:
             raise ValueError(f"MemoryAttention: num_sink_tokens: expected 0 with window_size = 0 (no attention to "
                              f"keep sinks for), got {num_sink_tokens}")
+        if not isinstance(adapter_rank, int) or adapter_rank < 0:
+            raise ValueError(f"MemoryAttention: adapter_rank: expected an int >= 0, got {adapter_rank!r}")
         for arg, value in (("mini_batch_size", mini_batch_size), ("memory_depth", memory_depth)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MemoryAttention: {arg}: expected a positive int, got {value!r}")
@@ -145,7 +161,9 @@ class MemoryAttention(_LinearAttentionLayer):
             raise ValueError(f"MemoryAttention: base_lr: expected > 0 (or None for the memory's default), got {base_lr}")
         H, D = num_heads, self.head_k_dim
         self.window_size, self.memory, self.mini_batch_size = window_size, memory, mini_batch_size
-        self.num_sink_tokens = num_sink_tokens
+        self.num_sink_tokens, self.adapter_rank = num_sink_tokens, adapter_rank
+        self.adapters = nn.ModuleList(low_rank_adapter(hidden_size, dim, adapter_rank)
+                                      for dim in (self.key_dim, self.key_dim, self.value_dim)) if adapter_rank else None
         self.base_lr = BASE_LR.get(memory) if base_lr is None else float(base_lr)
         self.gate = nn.Parameter(torch.full((H,), float(gate_init)))  # [H] logits
         self.b_proj = nn.Linear(hidden_size, H, bias=False) if memory != "linear_attention" else None
@@ -225,6 +243,8 @@ class MemoryAttention(_LinearAttentionLayer):
                                                    attn_past, use_cache, self.num_sink_tokens)
         else:
             a = torch.zeros_like(v)
+        if self.adapters is not None:  # the memory's own q, k, v [B, T, H * D]
+            q, k, v = (y + adapter(x) for y, adapter in zip((q, k, v), self.adapters))
         writes = self._memory_inputs(k, v, x)  # [B, T, C]
         if self.num_sink_tokens:  # the sinks' rows write nothing: the attention keeps them (module docstring)
             seen = attn_past[5] if attn_past is not None else torch.zeros(N, dtype=torch.long, device=x.device)

@@ -1,9 +1,10 @@
-"""The MemoryAttention layer, for every memory, with and without attention sinks: the formula against a hand composition (dense banded softmax
-attention and the op's reference on inputs shifted by a Python loop), its two limits (window past the sequence:
-causal attention; window 0 with the gate open: the bare memory op), every path (padding mask, cu_seqlens,
-prefill + decode through a saved cache, stopping inside TTT mini-batches and Titans chunks) against the float64
-reference backend one sample at a time, gradients, the memory left exactly as it started before the first
-eviction, the cache size while decoding far past the window, and input errors."""
+"""The MemoryAttention layer, for every memory, plain, with attention sinks and with the memory's adapters: the
+formula against a hand composition (dense banded softmax attention and the op's reference on inputs shifted by a
+Python loop), its two limits (window past the sequence: causal attention; window 0 with the gate open: the bare
+memory op), every path (padding mask, cu_seqlens, prefill + decode through a saved cache, stopping inside TTT
+mini-batches and Titans chunks) against the float64 reference backend one sample at a time, gradients, adapters
+starting as none, the memory left exactly as it started before the first eviction, the cache size while decoding
+far past the window, and input errors."""
 
 import math
 
@@ -24,7 +25,7 @@ from ipl_layers.ops import (delta_rule_reference, linear_attention_reference, ti
                             ttt_linear_reference)
 from ipl_layers.state import TitansState, TTTLinearState
 
-# float32 torch path vs the float64 reference: measured <= 6e-7 on outputs and states and <= 2e-6 on gradients;
+# float32 torch path vs the float64 reference: measured <= 5e-7 on outputs and states and <= 2.1e-6 on gradients;
 # ~20x headroom. float64 agrees to rounding (measured <= 2e-15).
 FP32_BOUND = 5e-5
 FP64_BOUND = 1e-10
@@ -33,7 +34,9 @@ HIDDEN, HEADS, WINDOW = 16, 2, 3
 LENGTHS = [11, 5, 1, 0]  # past the window, two tokens past it, a single token, all padding
 MEMORIES = ("gated_deltanet", "delta_rule", "linear_attention", "ttt_linear", "titans")
 MINI_BATCH = 4  # TTT mini-batch / Titans chunk: the prompts and decoding below stop inside one
-SINKS = [0, 2]  # without and with attention sinks
+# the layer's options: plain, with attention sinks, with sinks and the memory's q/k/v adapters
+OPTIONS = [{}, {"num_sink_tokens": 2}, {"num_sink_tokens": 2, "adapter_rank": 2}]
+OPTION_IDS = ["plain", "sinks", "sinks+adapter"]
 
 
 def make_layer(memory="gated_deltanet", window=WINDOW, **kw) -> MemoryAttention:
@@ -41,7 +44,17 @@ def make_layer(memory="gated_deltanet", window=WINDOW, **kw) -> MemoryAttention:
                             mini_batch_size=MINI_BATCH, **kw)
     with torch.no_grad():
         layer.gate.normal_()  # gates away from their shared initial value, so a mixed-up head shows
+        for adapter in layer.adapters or ():
+            adapter[1].weight.normal_(std=0.5)  # away from zero, so that the adapters matter
     return layer
+
+
+def memory_qkv(layer, x):
+    """The memory's q, k, v [B, T, H, D]: the projections plus the adapters' B A x."""
+    qkv = [p(x) for p in (layer.q_proj, layer.k_proj, layer.v_proj)]
+    if layer.adapters is not None:
+        qkv = [y + adapter(x) for y, adapter in zip(qkv, layer.adapters)]
+    return [y.unflatten(-1, (HEADS, -1)) for y in qkv]
 
 
 def memory_reference(layer, x, q, k, v, shift):
@@ -69,7 +82,8 @@ def memory_reference(layer, x, q, k, v, shift):
 
 def hand_composition(layer, x):
     """The module docstring's formula written out in float64 for x [1, T, hidden]: keys t-W+1 .. t and the
-    sinks before them; the memory written at step t with token t-W unless it is a sink."""
+    sinks before them; the memory (on the adapted q, k, v) written at step t with token t-W unless it is a
+    sink."""
     layer = layer.double()
     T, H, D, W, S = x.shape[1], HEADS, HIDDEN // HEADS, layer.window_size, layer.num_sink_tokens
     q, k, v = (p(x).view(1, T, H, D) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
@@ -78,15 +92,15 @@ def hand_composition(layer, x):
     scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
     a = torch.einsum("bhts,bshd->bthd", scores.masked_fill(~keys, -math.inf).softmax(-1).nan_to_num(), v)
     shift = lambda y: torch.stack([y[:, t - W] if t - W >= S else torch.zeros_like(y[:, 0]) for t in range(T)], 1)  # noqa: E731
-    m = memory_reference(layer, x, q, k, v, shift)
+    m = memory_reference(layer, x, *memory_qkv(layer, x), shift)
     return layer.o_proj((a + torch.sigmoid(layer.gate)[:, None] * m).flatten(-2))
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("window", [1, WINDOW, 20])
-@pytest.mark.parametrize("sinks", SINKS)
-def test_formula_matches_hand_composition(memory, window, sinks):
-    layer = with_backend(make_layer(memory, window, num_sink_tokens=sinks), "torch", torch.float64)
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_formula_matches_hand_composition(memory, window, options):
+    layer = with_backend(make_layer(memory, window, **options), "torch", torch.float64)
     x = torch.randn(1, 13, HIDDEN, dtype=torch.float64)
     assert_rel_rms("out", layer(x)[0], hand_composition(layer, x), FP64_BOUND)
 
@@ -100,38 +114,52 @@ def test_window_past_the_sequence_is_causal_attention():
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
-def test_window_zero_with_the_gate_open_is_the_bare_memory_op(memory):
-    layer = with_backend(make_layer(memory, window=0), "torch", torch.float64)
+@pytest.mark.parametrize("adapter_rank", [0, 2])
+def test_window_zero_with_the_gate_open_is_the_bare_memory_op(memory, adapter_rank):
+    layer = with_backend(make_layer(memory, window=0, adapter_rank=adapter_rank), "torch", torch.float64)
     with torch.no_grad():
         layer.gate.fill_(50.0)  # sigmoid(50) rounds to 1 in float64
     x = torch.randn(2, 13, HIDDEN, dtype=torch.float64)
-    q, k, v = (p(x).unflatten(-1, (HEADS, -1)) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
-    m = memory_reference(layer, x, q, k, v, lambda y: y)
+    m = memory_reference(layer, x, *memory_qkv(layer, x), lambda y: y)
     assert_rel_rms("out", layer(x)[0], layer.o_proj(m.flatten(-2)), FP64_BOUND)
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
-@pytest.mark.parametrize("sinks", SINKS)
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, FP32_BOUND), (torch.float64, FP64_BOUND)])
-def test_padding_mask_equals_varlen_equals_per_sample(memory, sinks, dtype, bound):
-    layer = with_backend(make_layer(memory, num_sink_tokens=sinks), "torch", dtype)
+def test_padding_mask_equals_varlen_equals_per_sample(memory, options, dtype, bound):
+    layer = with_backend(make_layer(memory, **options), "torch", dtype)
     state_type = {"ttt_linear": TTTLinearState, "titans": TitansState}.get(memory, torch.Tensor)
     assert_padding_mask_equals_varlen_equals_per_sample(layer, LENGTHS, HIDDEN, dtype, bound, state_type)
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
-@pytest.mark.parametrize("sinks", SINKS)
-def test_prefill_decode_equals_forward_through_a_saved_cache(memory, sinks, tmp_path):
-    layer = with_backend(make_layer(memory, num_sink_tokens=sinks), "torch", torch.float64)
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_prefill_decode_equals_forward_through_a_saved_cache(memory, options, tmp_path):
+    layer = with_backend(make_layer(memory, **options), "torch", torch.float64)
     assert_prefill_decode_survives_reload(layer, HIDDEN, tmp_path / "cache.safetensors", FP64_BOUND)
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
-@pytest.mark.parametrize("sinks", SINKS)
-def test_gradients_match_float64(memory, sinks):
-    layer = with_backend(make_layer(memory, num_sink_tokens=sinks), "torch", torch.float32)
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_gradients_match_float64(memory, options):
+    layer = with_backend(make_layer(memory, **options), "torch", torch.float32)
     ref = with_backend(layer, "reference", torch.float64)
     assert_gradients_match(layer, ref, LENGTHS[:3], max(LENGTHS), HIDDEN, FP32_BOUND)
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+@torch.no_grad()
+def test_adapters_start_as_no_adapters(memory):
+    """B = 0 at the start: the layer with adapters gives exactly the outputs and cache of the layer without."""
+    layer = MemoryAttention(HIDDEN, num_heads=HEADS, window_size=WINDOW, memory=memory, adapter_rank=3, layer_idx=0)
+    plain = MemoryAttention(HIDDEN, num_heads=HEADS, window_size=WINDOW, memory=memory, layer_idx=0)
+    missing, unexpected = plain.load_state_dict(layer.state_dict(), strict=False)
+    assert not missing and all(name.startswith("adapters.") for name in unexpected)
+    x = torch.randn(2, 9, HIDDEN)
+    (o, _, cache), (o_plain, _, cache_plain) = layer(x, use_cache=True), plain(x, use_cache=True)
+    assert torch.equal(o, o_plain)
+    assert cache.update_norms(cache_plain) == {0: dict.fromkeys(cache_plain[0].keys() - {"seen_tokens"}, 0.0)}
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
@@ -158,9 +186,9 @@ def test_rows_before_the_first_eviction_leave_the_memory_untouched(memory):
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
-@pytest.mark.parametrize("sinks", SINKS)
-def test_cache_size_is_constant_while_decoding_ten_windows(memory, sinks):
-    layer = make_layer(memory, window=4, num_sink_tokens=sinks)
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_cache_size_is_constant_while_decoding_ten_windows(memory, options):
+    layer = make_layer(memory, window=4, **options)
     x = torch.randn(2, 1, HIDDEN)
     _, _, cache = layer(torch.randn(2, 6, HIDDEN), use_cache=True)
     sizes = set()
@@ -180,6 +208,7 @@ def test_cache_size_is_constant_while_decoding_ten_windows(memory, sinks):
     ({"dt_min": 0.2, "dt_max": 0.1}, "MemoryAttention: expected 0 < dt_min <= dt_max"),
     ({"num_sink_tokens": -2}, "num_sink_tokens: expected an int >= 0, got -2"),
     ({"window_size": 0, "num_sink_tokens": 2}, "num_sink_tokens: expected 0 with window_size = 0 .*, got 2"),
+    ({"adapter_rank": 1.0}, "adapter_rank: expected an int >= 0, got 1.0"),
     ({"memory": "ttt_linear", "mini_batch_size": 0}, "mini_batch_size: expected a positive int, got 0"),
     ({"memory": "titans", "memory_depth": 1.5}, "memory_depth: expected a positive int, got 1.5"),
     ({"memory": "titans", "base_lr": -0.1}, r"base_lr: expected > 0 \(or None for the memory's default\), got -0.1"),
