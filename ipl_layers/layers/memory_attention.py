@@ -158,7 +158,8 @@ class MemoryAttention(_LinearAttentionLayer):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MemoryAttention: {arg}: expected a positive int, got {value!r}")
         if base_lr is not None and not base_lr > 0:
-            raise ValueError(f"MemoryAttention: base_lr: expected > 0 (or None for the memory's default), got {base_lr}")
+            raise ValueError(f"MemoryAttention: base_lr: expected > 0 (or None for the memory's default), "
+                             f"got {base_lr}")
         H, D = num_heads, self.head_k_dim
         self.window_size, self.memory, self.mini_batch_size = window_size, memory, mini_batch_size
         self.num_sink_tokens, self.adapter_rank = num_sink_tokens, adapter_rank
