@@ -65,6 +65,7 @@ register_mixer("ttt_mlp", _layer(layers.TTTMLP))
 register_mixer("titans", _layer(layers.TitansMemory))
 register_mixer("lact", _layer(layers.LaCT))
 register_mixer("mamba2", _layer(layers.Mamba2))
+# the window from the config (shared with "swa"); memory, num_sink_tokens, adapter_rank, ... from mixer_kwargs
 register_mixer("memory_attention", lambda config, layer_idx, **kwargs: layers.MemoryAttention(
     **{"hidden_size": config.hidden_size, "num_heads": config.num_heads, "window_size": config.window_size, **kwargs},
     layer_idx=layer_idx))

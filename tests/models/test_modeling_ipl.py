@@ -54,6 +54,28 @@ def test_prefill_decode_equals_full_forward(mixer):
     assert rel(torch.cat(steps, 1), full) < TOL
 
 
+@pytest.mark.parametrize("memory", ["ttt_linear", "titans"])
+@torch.no_grad()
+def test_memory_attention_options_through_mixer_kwargs(memory):
+    """The memory_attention mixer takes the layer's options from the config: a TTT / Titans memory, sinks and
+    adapters; prefill + decode equals the full forward, and a packed batch equals each sequence alone."""
+    kwargs = {"memory": memory, "mini_batch_size": 4, "num_sink_tokens": 2, "adapter_rank": 2}
+    model = tiny(["memory_attention", "swa"], mixer_kwargs={"memory_attention": kwargs})
+    layer = model.model.layers[0].mixer
+    assert (layer.memory, layer.num_sink_tokens, layer.adapter_rank, layer.window_size) == (memory, 2, 2, 5)
+    x = torch.randint(0, VOCAB, (2, 13))
+    full = model(x, use_cache=False).logits
+    out = model(x[:, :7], use_cache=True)
+    steps, cache = [out.logits], out.cache
+    for t in range(7, 13):
+        out = model(x[:, t : t + 1], cache=cache, use_cache=True)
+        steps.append(out.logits)
+        cache = out.cache
+    assert rel(torch.cat(steps, 1), full) < TOL
+    cu = torch.tensor([0, 13, 26], dtype=torch.int32)
+    assert rel(model(x.reshape(1, 26), cu_seqlens=cu, use_cache=False).logits[0], full.flatten(0, 1)) < TOL
+
+
 @pytest.mark.parametrize("mixer", sorted(MIXERS))
 @torch.no_grad()
 def test_greedy_generate_equals_full_forward_argmax(mixer):
