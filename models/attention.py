@@ -11,8 +11,8 @@ position). A full-attention layer keeps every token; a sliding-window layer keep
 the next query can still see. Queries run in blocks, each against only the keys it can see, so the memory of a
 sliding-window layer grows with T * window, not T^2.
 
-On CUDA with flash-attn installed, a forward without past keys (training, a prefill) calls
-`flash_attn_func` / `flash_attn_varlen_func` with `window_size`; everything else runs through PyTorch's
+On CUDA with flash-attn installed, a forward without past keys (training, a prefill) calls flash-attn with
+`window_size` (`ipl_layers.layers.window_attention.flash_attention`); everything else runs through PyTorch's
 `scaled_dot_product_attention` with a boolean banded causal mask.
 """
 
@@ -25,27 +25,13 @@ from torch import nn
 from ipl_layers._checks import check_cu_seqlens
 from ipl_layers.cache import FastWeightCache
 from ipl_layers.layers.padding import check_attention_mask, repad, unpad
+from ipl_layers.layers.rope import apply_rope
+from ipl_layers.layers.window_attention import flash_applies, flash_attention
 from ipl_layers.ops.chunking import pad_sequences
-
-try:  # optional: the GPU path of training and prefill
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-except ImportError:
-    flash_attn_func = flash_attn_varlen_func = None
 
 BLOCK = 256  # queries per scaled_dot_product_attention call
 
 KVState = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (the rotate-half convention of Llama) of x [N, T, H, D] at positions [N, T], in fp32."""
-    D = x.shape[-1]
-    inv_freq = theta ** -(torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # [D/2]
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # [N, T, D/2]
-    cos, sin = (torch.cat([f(angles)] * 2, -1)[:, :, None] for f in (torch.cos, torch.sin))  # [N, T, 1, D]
-    xf = x.float()
-    rotated = torch.cat([-xf[..., D // 2 :], xf[..., : D // 2]], -1)
-    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 def causal_attention(
@@ -142,22 +128,6 @@ class IPLAttention(nn.Module):
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"window_size={self.window_size}, rope_theta={self.rope_theta}")
 
-    @staticmethod
-    def _flash_applies(q: torch.Tensor, use_cache: bool, last: dict) -> bool:
-        """flash-attn (half precision on CUDA) runs the forwards that neither read nor write a cache."""
-        half = q.dtype in (torch.float16, torch.bfloat16)
-        return flash_attn_func is not None and q.is_cuda and half and not use_cache and "kv_state" not in last
-
-    def _flash(self, q, k, v, cu_seqlens, back) -> torch.Tensor:
-        """flash-attn on q [B, T, Hq, D] (k, v [B, T, Hkv, D]); with cu_seqlens on the packed sequences."""
-        window = (-1, -1) if self.window_size is None else (self.window_size - 1, 0)
-        if cu_seqlens is None:
-            return flash_attn_func(q, k, v, causal=True, window_size=window)
-        cu = cu_seqlens.to(torch.int32)
-        longest = int(torch.diff(cu).max())
-        q, k, v = (back(x)[0] for x in (q, k, v))  # [total, H, D]
-        return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True, window_size=window)[None]
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -207,8 +177,10 @@ class IPLAttention(nn.Module):
         positions = start[:, None] + torch.arange(Tq, device=x.device)  # [N, Tq]: each sequence's own count
         q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
 
-        if self._flash_applies(q, use_cache, last):
-            o = self._flash(q, k, v, cu_seqlens, back)  # [B, T, Hq, D] or [1, total, Hq, D]
+        if flash_applies(q, use_cache or "kv_state" in last):
+            packed = cu_seqlens is not None
+            q, k, v = (back(x) if packed else x for x in (q, k, v))  # [B, T, H, D] or [1, total, H, D]
+            o = flash_attention(q, k, v, self.window_size, cu_seqlens)
         else:
             o, kv_state = causal_attention(q, k, v, lengths, self.window_size, last.get("kv_state"), use_cache)
             o = back(o)  # [B, T, Hq, D] or [1, total, Hq, D]

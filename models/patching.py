@@ -107,7 +107,7 @@ def patch_attention(model: nn.Module, layers: Iterable[int], mixer: str, **mixer
     mixer_kwargs = {k: v for k, v in mixer_kwargs.items() if k != "window_size"}
     if mixer == "swa" and config.window_size is None:
         raise ValueError("patch_attention: 'swa' needs window_size=... (the host config has no sliding_window)")
-    if mixer in ("attn", "swa") and getattr(model.config, "head_dim", None):
+    if mixer in ("attn", "swa", "memory_attention") and getattr(model.config, "head_dim", None):
         mixer_kwargs.setdefault("head_dim", model.config.head_dim)
 
     holder = getattr(base, "_ipl_mask_holder", None)

@@ -67,7 +67,8 @@ register_mixer("lact", _layer(layers.LaCT))
 register_mixer("mamba2", _layer(layers.Mamba2))
 # the window from the config (shared with "swa"); memory, num_sink_tokens, adapter_rank, ... from mixer_kwargs
 register_mixer("memory_attention", lambda config, layer_idx, **kwargs: layers.MemoryAttention(
-    **{"hidden_size": config.hidden_size, "num_heads": config.num_heads, "window_size": config.window_size, **kwargs},
+    **{"hidden_size": config.hidden_size, "num_heads": config.num_heads, "window_size": config.window_size,
+       "num_kv_heads": config.num_kv_heads, "rope_theta": config.rope_theta, **kwargs},  # RoPE and GQA as "swa"
     layer_idx=layer_idx))
 
 register_ffn("swiglu", lambda config, **kwargs: SwiGLU(config.hidden_size, config.intermediate_size, **kwargs))

@@ -37,8 +37,8 @@ from ipl_layers.models.patching import patch_attention
 from ipl_layers.models.train import JsonlLog, lr_factor, resolve_device
 
 # options a resumed run must share with its checkpoint: they define the model and the batches seen so far
-RESUME_FIXED = ("base", "layers", "window_size", "memory", "memory_kwargs", "data", "val_fraction", "seed",
-                "seq_len", "batch_size")
+RESUME_FIXED = ("base", "layers", "window_size", "memory", "adapter_rank", "memory_kwargs", "data", "val_fraction",
+                "seed", "seq_len", "batch_size")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class RetrofitConfig:
     layers: List[int]  # decoder layer indices whose attention becomes MemoryAttention
     window_size: int = 512
     memory: str = "gated_deltanet"
+    adapter_rank: int = 8  # the memory's own low-rank q/k/v adapters (0: it reads and writes the attention's)
     memory_kwargs: Dict = field(default_factory=dict)  # more MemoryAttention options
     data: Optional[str] = None
     val_fraction: float = 0.05
@@ -157,7 +158,8 @@ def load_models(config: RetrofitConfig, device: torch.device):
                          f"{teacher.config.vocab_size}")
     torch.manual_seed(config.seed)  # the memory's own initial parameters
     student = AutoModelForCausalLM.from_pretrained(config.base, local_files_only=True)
-    trainable = retrofit(student, config.layers, config.window_size, config.memory, **config.memory_kwargs)
+    trainable = retrofit(student, config.layers, config.window_size, config.memory, adapter_rank=config.adapter_rank,
+                         **config.memory_kwargs)
     return teacher, student.to(device), trainable
 
 

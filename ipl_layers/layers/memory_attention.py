@@ -3,10 +3,17 @@ Infini-attention and Titans MAG): what is recent is attended exactly, what has l
 a fast-weight memory that the current query reads.
 
     q, k, v = W_q x, W_k x, W_v x                              [B, T, H * D], shared by both paths (as AHN)
-    a_t = window_attention(q, k, v)_t                          keys t-W+1 .. t (`window_size` W, itself included)
+    a_t = window_attention(rope(q), rope(k), v)_t              keys t-W+1 .. t (`window_size` W, itself included)
     m_t = memory op at step t: writes token t-W (k, v and its write strength beta = sigmoid(W_b x) plus the
           memory's other gates), the token that has just left the window, then reads with q_t
     out = o_proj(a + sigmoid(gate_h) * m)                      gate [H], learned per head
+
+Grouped key/value heads (`num_kv_heads` < num_heads: k, v [B, T, H_kv * D], each shared by H / H_kv query
+heads, in attention and memory alike), `head_dim` and RoPE (`rope_theta`; positions count each sequence's tokens,
+earlier calls included; None: no rotation) let the layer take over a Llama/Qwen attention layer's projections and
+be that layer inside the window (`ipl_layers.models.retrofit`). The memory reads and writes the unrotated q, k: what
+it recalls is content, not position. On CUDA with flash-attn, a call without cache and sinks runs the window
+attention through flash-attn (`window_attention.flash_attention`).
 
 With `adapter_rank` r > 0 the memory reads and writes q + B_q A_q x, k + B_k A_k x, v + B_v A_v x instead
 (low-rank adapters, A [r, hidden], B [H * D, r] zero at the start, so the layer starts as without them): with
@@ -58,7 +65,8 @@ from ipl_layers.cache import FastWeightCache
 from ipl_layers.layers.delta_rule import mamba2_decay_parameters, mamba2_log_decay
 from ipl_layers.layers.linear_attention import _LinearAttentionLayer
 from ipl_layers.layers.padding import repad
-from ipl_layers.layers.window_attention import window_attention_heads
+from ipl_layers.layers.rope import apply_rope
+from ipl_layers.layers.window_attention import flash_applies, flash_attention, window_attention_heads
 from ipl_layers.ops import delta_rule, linear_attention, titans_memory, ttt_linear
 from ipl_layers.ops.chunking import pad_sequences
 from ipl_layers.ops.titans_memory import layer_dims
@@ -110,7 +118,10 @@ class MemoryAttention(_LinearAttentionLayer):
     docstring.
 
     Args:
-        hidden_size, num_heads: width and heads (head dim hidden_size / num_heads for attention and memory).
+        hidden_size, num_heads: width and query heads.
+        num_kv_heads: key/value heads (default num_heads), a divisor of num_heads.
+        head_dim: per head (default hidden_size / num_heads), for attention and memory.
+        rope_theta: RoPE base of the attention's q, k (None: no rotation).
         window_size: W >= 0 tokens attended (itself included); 0 leaves only the memory.
         memory: "gated_deltanet" (default), "delta_rule", "linear_attention", "ttt_linear" or "titans".
         gate_init: the initial gate logit per head (sigmoid(-2) = 0.12: start close to the attention alone).
@@ -130,6 +141,9 @@ class MemoryAttention(_LinearAttentionLayer):
         hidden_size: int = 1024,
         num_heads: int = 8,
         window_size: int = 512,
+        num_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        rope_theta: Optional[float] = None,
         memory: str = "gated_deltanet",
         gate_init: float = -2.0,
         dt_min: float = 1e-3,
@@ -142,7 +156,26 @@ class MemoryAttention(_LinearAttentionLayer):
         layer_idx: Optional[int] = None,
         backend: Optional[str] = None,
     ):
-        super().__init__(hidden_size, num_heads, 1.0, 1.0, False, 4, False, False, 1e-5, layer_idx, backend)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"MemoryAttention: num_kv_heads: expected a positive divisor of num_heads = {num_heads}, "
+                             f"got {num_kv_heads!r}")
+        if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1):
+            raise ValueError(f"MemoryAttention: head_dim: expected a positive int or None, got {head_dim!r}")
+        if rope_theta is not None and not rope_theta > 0:
+            raise ValueError(f"MemoryAttention: rope_theta: expected > 0 or None, got {rope_theta!r}")
+        expand = 1.0 if head_dim is None else head_dim * num_heads / hidden_size
+        super().__init__(hidden_size, num_heads, expand, expand, False, 4, False, False, 1e-5, layer_idx, backend)
+        if head_dim is not None and self.head_k_dim != head_dim:  # int(hidden_size * expand) rounded down
+            raise ValueError(f"MemoryAttention: head_dim: {head_dim} * num_heads = {head_dim * num_heads} is not "
+                             f"representable as hidden_size * expand; got a head dim of {self.head_k_dim}")
+        if rope_theta is not None and self.head_k_dim % 2:
+            raise ValueError(f"MemoryAttention: head_dim: expected an even dim with RoPE (it rotates pairs), got "
+                             f"{self.head_k_dim}")
+        self.num_kv_heads, self.rope_theta = num_kv_heads, rope_theta
+        if num_kv_heads != num_heads:  # [hidden] -> [H_kv * D]: each key/value head serves H / H_kv query heads
+            self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_k_dim, bias=False)
+            self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_v_dim, bias=False)
         if not isinstance(window_size, int) or window_size < 0:
             raise ValueError(f"MemoryAttention: window_size: expected an int >= 0, got {window_size!r}")
         if memory not in MEMORIES:
@@ -237,28 +270,39 @@ class MemoryAttention(_LinearAttentionLayer):
             hidden_states, attention_mask, past_key_values, use_cache, kwargs.get("cu_seqlens"))
         B, T = hidden_states.shape[:2]
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H * D]
+        H, D = self.num_heads, self.head_k_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H * D], k, v [B, T, H_kv * D]
+        if self.num_kv_heads != H:  # each key/value head read by its H / H_kv query heads
+            k, v = (y.unflatten(-1, (self.num_kv_heads, D)).repeat_interleave(H // self.num_kv_heads, -2).flatten(-2)
+                    for y in (k, v))  # [B, T, H * D]
         attn_past, attn_state = last.get("attn_state"), None
-        if self.window_size > 0:
-            a, attn_state = window_attention_heads(q, k, v, self.num_heads, self.window_size, cu_seqlens,
-                                                   attn_past, use_cache, self.num_sink_tokens)
+        position = last.get("position", torch.zeros(N, dtype=torch.long, device=x.device))  # [N] tokens so far
+        positions = sequence_positions(position, x.shape[1], cu_seqlens)  # [B, T] or [1, total]
+        qa, ka = q, k
+        if self.rope_theta is not None:  # the attention's q, k rotated at each token's position in its sequence
+            qa, ka = (apply_rope(y.unflatten(-1, (H, D)), positions, self.rope_theta).flatten(-2) for y in (q, k))
+        if self.window_size > 0 and not self.num_sink_tokens and flash_applies(q, use_cache or bool(last)):
+            qa, ka, va = (y.unflatten(-1, (H, D)) for y in (qa, ka, v))  # [B, T, H, D] or [1, total, H, D]
+            a = flash_attention(qa, ka, va, self.window_size, cu_seqlens).flatten(-2)
+        elif self.window_size > 0:
+            a, attn_state = window_attention_heads(qa, ka, v, H, self.window_size, cu_seqlens, attn_past, use_cache,
+                                                   self.num_sink_tokens)
         else:
             a = torch.zeros_like(v)
         if self.adapters is not None:  # the memory's own q, k, v [B, T, H * D]
             q, k, v = (y + adapter(x) for y, adapter in zip((q, k, v), self.adapters))
         writes = self._memory_inputs(k, v, x)  # [B, T, C]
         if self.num_sink_tokens:  # the sinks' rows write nothing: the attention keeps them (module docstring)
-            seen = attn_past[5] if attn_past is not None else torch.zeros(N, dtype=torch.long, device=x.device)
-            sinks = sequence_positions(seen.to(x.device), x.shape[1], cu_seqlens) < self.num_sink_tokens  # [B, T]
-            writes = writes.masked_fill(sinks[..., None], 0.0)
+            writes = writes.masked_fill((positions < self.num_sink_tokens)[..., None], 0.0)
         queue = last.get("memory_queue")
         if queue is None:  # nothing has left the window yet: zero rows write nothing (module docstring)
             queue = writes.new_zeros(N, self.window_size, writes.shape[-1])
         written, queue = shift_into_memory(writes, queue, cu_seqlens)
         m, state = self._read_memory(q, written, last.get("recurrent_state"), use_cache, cu_seqlens)
         if use_cache:
+            lengths = torch.full((N,), T, device=x.device) if cu_seqlens is None else torch.diff(cu_seqlens.long())
             past_key_values.update_states(self.layer_idx, offset=T, recurrent_state=state, attn_state=attn_state,
-                                          memory_queue=queue)
+                                          memory_queue=queue, position=position + lengths)
 
         gate = torch.sigmoid(self.gate).to(m.dtype)[:, None]  # [H, 1]
         o = self.o_proj(a + (gate * m).flatten(-2))  # [B, T, hidden]

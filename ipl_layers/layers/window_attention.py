@@ -1,6 +1,9 @@
 """Causal sliding-window softmax attention over [N, T, H, D] sequences with a cache of the last window-1 keys
 and values, so that a prefill followed by token-by-token decoding equals one forward.
 
+On CUDA with flash-attn installed, `flash_attention` runs the calls that neither read nor write a cache (training, a
+prefill without cache) and have no sinks: `flash_attn_func` / `flash_attn_varlen_func` with `window_size`.
+
 Each query attends to itself and the window-1 tokens before it in its own sequence. The cache prepends up to
 window-1 earlier keys/values per sequence (right-aligned: the last cached token sits next to the first new
 one), so in the "timeline" [cache | new tokens] query i sits at index window-1+i and its keys are the
@@ -15,11 +18,35 @@ import torch.nn.functional as F
 
 from ipl_layers.ops.chunking import pad_sequences
 
+try:  # optional: the GPU path of training and prefill
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+except ImportError:
+    flash_attn_func = flash_attn_varlen_func = None
+
 BLOCK = 256  # queries per attention call (at least the window)
 
 # (keys [N, window-1, H, D], values, count [N] int64), with sinks followed by (sink keys [N, S, H, D], sink
 # values, seen [N] int64: the tokens of each sequence so far)
 AttnState = Tuple[torch.Tensor, ...]
+
+
+def flash_applies(q: torch.Tensor, uses_cache: bool) -> bool:
+    """flash-attn (half precision on CUDA, when installed) runs the calls that neither read nor write a cache."""
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return flash_attn_func is not None and q.is_cuda and half and not uses_cache
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int],
+                    cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+    """Causal attention by flash-attn, full (window None) or each query over itself and the window - 1 tokens
+    before it: q [B, T, Hq, D], k, v [B, T, Hkv, D] (Hq a multiple of Hkv), or packed [1, total, *] with
+    cu_seqlens [N+1]. Returns o [B, T, Hq, D] (or [1, total, Hq, D])."""
+    reach = (-1, -1) if window is None else (window - 1, 0)  # flash-attn's (left, right) window
+    if cu_seqlens is None:
+        return flash_attn_func(q, k, v, causal=True, window_size=reach)
+    cu = cu_seqlens.to(torch.int32)
+    longest = int(torch.diff(cu).max())
+    return flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, longest, longest, causal=True, window_size=reach)[None]
 
 
 def _sinks(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, S: int, past: Optional[AttnState]):

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from flash_stub import FlashStub
 from helpers import assert_rel_rms
 from layer_checks import (
     assert_gradients_match,
@@ -21,6 +22,7 @@ from layer_checks import (
 
 from ipl_layers.layers import MemoryAttention
 from ipl_layers.layers.delta_rule import mamba2_log_decay
+from ipl_layers.layers.rope import apply_rope
 from ipl_layers.ops import (delta_rule_reference, linear_attention_reference, titans_memory_reference,
                             ttt_linear_reference)
 from ipl_layers.state import TitansState, TTTLinearState
@@ -34,9 +36,11 @@ HIDDEN, HEADS, WINDOW = 16, 2, 3
 LENGTHS = [11, 5, 1, 0]  # past the window, two tokens past it, a single token, all padding
 MEMORIES = ("gated_deltanet", "delta_rule", "linear_attention", "ttt_linear", "titans")
 MINI_BATCH = 4  # TTT mini-batch / Titans chunk: the prompts and decoding below stop inside one
-# the layer's options: plain, with attention sinks, with sinks and the memory's q/k/v adapters
-OPTIONS = [{}, {"num_sink_tokens": 2}, {"num_sink_tokens": 2, "adapter_rank": 2}]
-OPTION_IDS = ["plain", "sinks", "sinks+adapter"]
+# the layer's options: plain, with attention sinks, with sinks and the memory's q/k/v adapters, and as a retrofit
+# of a Llama layer builds it (grouped key/value heads, a head dim of its own, RoPE), with a sink
+OPTIONS = [{}, {"num_sink_tokens": 2}, {"num_sink_tokens": 2, "adapter_rank": 2},
+           {"num_kv_heads": 1, "head_dim": 6, "rope_theta": 100.0, "num_sink_tokens": 1}]
+OPTION_IDS = ["plain", "sinks", "sinks+adapter", "gqa+rope"]
 
 
 def make_layer(memory="gated_deltanet", window=WINDOW, **kw) -> MemoryAttention:
@@ -49,9 +53,16 @@ def make_layer(memory="gated_deltanet", window=WINDOW, **kw) -> MemoryAttention:
     return layer
 
 
+def projected_qkv(layer, x):
+    """The projections q, k, v [B, T, H, D], each key/value head repeated for its query heads."""
+    q, k, v = (p(x).unflatten(-1, (-1, layer.head_k_dim)) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    group = HEADS // layer.num_kv_heads
+    return q, k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+
+
 def memory_qkv(layer, x):
     """The memory's q, k, v [B, T, H, D]: the projections plus the adapters' B A x."""
-    qkv = [p(x) for p in (layer.q_proj, layer.k_proj, layer.v_proj)]
+    qkv = [y.flatten(-2) for y in projected_qkv(layer, x)]
     if layer.adapters is not None:
         qkv = [y + adapter(x) for y, adapter in zip(qkv, layer.adapters)]
     return [y.unflatten(-1, (HEADS, -1)) for y in qkv]
@@ -67,7 +78,7 @@ def memory_reference(layer, x, q, k, v, shift):
         g = shift(mamba2_log_decay(layer.a_proj(x), layer.A_log, layer.dt_bias)) \
             if layer.memory == "gated_deltanet" else None
         return delta_rule_reference(q, shift(k), shift(v), beta, g, use_qk_l2norm=True)[0]
-    N, D = x.shape[0], HIDDEN // HEADS
+    N, D = x.shape[0], layer.head_k_dim
     q, k = F.normalize(q, dim=-1), shift(F.normalize(k, dim=-1))
     if layer.memory == "ttt_linear":
         start = (layer.memory_W0.expand(N, HEADS, D, D), layer.memory_b0.expand(N, HEADS, D))
@@ -85,8 +96,10 @@ def hand_composition(layer, x):
     sinks before them; the memory (on the adapted q, k, v) written at step t with token t-W unless it is a
     sink."""
     layer = layer.double()
-    T, H, D, W, S = x.shape[1], HEADS, HIDDEN // HEADS, layer.window_size, layer.num_sink_tokens
-    q, k, v = (p(x).view(1, T, H, D) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    T, D, W, S = x.shape[1], layer.head_k_dim, layer.window_size, layer.num_sink_tokens
+    q, k, v = projected_qkv(layer, x)  # [1, T, H, D]
+    if layer.rope_theta is not None:  # the attention's q, k at positions 0 .. T-1
+        q, k = (apply_rope(y, torch.arange(T)[None], layer.rope_theta) for y in (q, k))
     i, j = torch.arange(T)[:, None], torch.arange(T)[None]
     keys = ((j <= i) & (j > i - W)) | ((j < S) & (j <= i - W))  # [T, T]
     scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
@@ -212,7 +225,41 @@ def test_cache_size_is_constant_while_decoding_ten_windows(memory, options):
     ({"memory": "ttt_linear", "mini_batch_size": 0}, "mini_batch_size: expected a positive int, got 0"),
     ({"memory": "titans", "memory_depth": 1.5}, "memory_depth: expected a positive int, got 1.5"),
     ({"memory": "titans", "base_lr": -0.1}, r"base_lr: expected > 0 \(or None for the memory's default\), got -0.1"),
+    ({"num_kv_heads": 3}, "num_kv_heads: expected a positive divisor of num_heads = 2, got 3"),
+    ({"head_dim": 0}, "head_dim: expected a positive int or None, got 0"),
+    ({"head_dim": 5, "rope_theta": 1e4}, "head_dim: expected an even dim with RoPE .*, got 5"),
+    ({"rope_theta": 0.0}, "rope_theta: expected > 0 or None, got 0.0"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         MemoryAttention(HIDDEN, num_heads=HEADS, **kw)
+
+
+@pytest.mark.parametrize("window", [WINDOW, 20])
+def test_flash_attn_path_equals_sdpa_path(monkeypatch, window):
+    """Without cache and sinks the window attention goes to flash-attn: through a CPU stand-in with flash-attn's
+    semantics (it needs a GPU), outputs and gradients equal the SDPA path's, dense, padded and packed."""
+    from ipl_layers.layers import memory_attention, window_attention
+
+    torch.manual_seed(0)
+    layer = with_backend(make_layer(window=window, **OPTIONS[3] | {"num_sink_tokens": 0}), "torch", torch.float64)
+    x = torch.randn(2, 13, HIDDEN, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[0, :4] = 0
+    cases = [(x, {}), (x, dict(attention_mask=mask)), (x[:1], dict(cu_seqlens=torch.tensor([0, 5, 5, 13])))]
+
+    def outputs_and_grads():
+        for inputs, kwargs in cases:
+            o = layer(inputs, **kwargs)[0]
+            yield o, torch.autograd.grad(o.square().sum(), [x, *layer.parameters()])
+
+    expected = list(outputs_and_grads())
+    stub = FlashStub()
+    monkeypatch.setattr(window_attention, "flash_attn_func", stub.func)
+    monkeypatch.setattr(window_attention, "flash_attn_varlen_func", stub.varlen_func)
+    monkeypatch.setattr(memory_attention, "flash_applies", lambda q, uses_cache: not uses_cache)
+    for (o, grads), (o_ref, grads_ref) in zip(outputs_and_grads(), expected):
+        assert_rel_rms("out", o, o_ref, FP64_BOUND)
+        for g, g_ref in zip(grads, grads_ref):
+            assert_rel_rms("grad", g, g_ref, FP64_BOUND)
+    assert [call[0] for call in stub.calls] == ["func", "varlen", "varlen"]

@@ -4,6 +4,7 @@ window each query seeing itself and the window - 1 tokens before it."""
 
 import pytest
 import torch
+from flash_stub import FlashStub
 
 from ipl_layers.cache import FastWeightCache
 from ipl_layers.models.attention import IPLAttention, apply_rope, causal_attention
@@ -111,50 +112,12 @@ def test_layer_errors():
         IPLAttention(32, num_heads=4, layer_idx=0)(torch.randn(1, 1, 32), past_key_values=cache, use_cache=True)
 
 
-def flash_one_sequence(q, k, v, causal, window_size):
-    """flash-attn's documented semantics for q [T, Hq, D], k, v [S, Hkv, D]: query i (bottom-right aligned, at key
-    index i + S - T) sees keys j with j <= i + S - T when causal and i + S - T - left <= j <= i + S - T + right for
-    window_size = (left, right), -1 meaning unbounded; softmax scale 1 / sqrt(D); query heads grouped over key heads."""
-    T, Hq, D = q.shape
-    S, Hkv = k.shape[:2]
-    k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)  # [S, Hq, D]
-    i = torch.arange(T)[:, None] + S - T
-    j = torch.arange(S)[None]
-    allowed = (j <= i) if causal else torch.ones(T, S, dtype=torch.bool)
-    left, right = window_size
-    if left >= 0:
-        allowed &= j >= i - left
-    if right >= 0:
-        allowed &= j <= i + right
-    scores = torch.einsum("thd,shd->hts", q, k) / D**0.5
-    return torch.einsum("hts,shd->thd", torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1), v)
-
-
-class FlashStub:
-    """Stands in for flash_attn's two functions on CPU (same signatures and layouts), recording each call."""
-
-    def __init__(self):
-        self.calls = []
-
-    def func(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1)):
-        self.calls.append(("func", window_size))
-        return torch.stack([flash_one_sequence(q[b], k[b], v[b], causal, window_size) for b in range(q.shape[0])])
-
-    def varlen_func(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                    softmax_scale=None, causal=False, window_size=(-1, -1)):
-        assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32, "flash-attn takes int32 cu_seqlens"
-        assert max_seqlen_q == max_seqlen_k == int(torch.diff(cu_seqlens_q).max())
-        self.calls.append(("varlen", window_size))
-        bounds = cu_seqlens_q.tolist()
-        return torch.cat([flash_one_sequence(q[s:e], k[s:e], v[s:e], causal, window_size)
-                          for s, e in zip(bounds[:-1], bounds[1:])])
-
-
 @pytest.mark.parametrize("window", [None, 3])
 def test_flash_attn_path_equals_sdpa_path(monkeypatch, window):
     """The flash-attn calls (window conversion, packing for the varlen call, unpacking back) give what the SDPA path
     gives, dense, padded and packed, outputs and gradients; with a cache the layer keeps to SDPA. flash-attn needs a
     GPU, so a CPU stand-in with its documented semantics takes its place and the device check is skipped."""
+    from ipl_layers.layers import window_attention
     from ipl_layers.models import attention
 
     torch.manual_seed(0)
@@ -169,10 +132,9 @@ def test_flash_attn_path_equals_sdpa_path(monkeypatch, window):
         expected.append((o, torch.autograd.grad(o.square().sum(), [x, *layer.parameters()])))
 
     stub = FlashStub()
-    monkeypatch.setattr(attention, "flash_attn_func", stub.func)
-    monkeypatch.setattr(attention, "flash_attn_varlen_func", stub.varlen_func)
-    monkeypatch.setattr(IPLAttention, "_flash_applies",
-                        staticmethod(lambda q, use_cache, last: not use_cache and "kv_state" not in last))
+    monkeypatch.setattr(window_attention, "flash_attn_func", stub.func)
+    monkeypatch.setattr(window_attention, "flash_attn_varlen_func", stub.varlen_func)
+    monkeypatch.setattr(attention, "flash_applies", lambda q, uses_cache: not uses_cache)
     for (inputs, kwargs), (o_ref, grads_ref) in zip(cases, expected):
         o = layer(inputs, **kwargs)[0]
         grads = torch.autograd.grad(o.square().sum(), [x, *layer.parameters()])

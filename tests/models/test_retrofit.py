@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ipl_layers.models.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -29,7 +30,7 @@ def base(tmp_path_factory):
 
 def options(base, out_dir, **overrides):
     return RetrofitConfig(**{**dict(base=base, layers=[0, 1], window_size=WINDOW, seq_len=96, batch_size=4,
-                                    steps=150, lr=1e-2, warmup_steps=5, eval_every=1000, eval_sequences=8,
+                                    steps=120, lr=1e-2, warmup_steps=5, eval_every=1000, eval_sequences=8,
                                     save_every=50, log_every=10, out_dir=str(out_dir)), **overrides})
 
 
@@ -41,29 +42,36 @@ def test_retrofit_freezes_all_but_the_memory(base):
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable)
 
 
-def test_distillation_beats_the_window_alone_and_resumes_exactly(base, tmp_path):
-    result = train(options(base, tmp_path / "full"))
+def test_distillation_beats_the_window_alone(base, tmp_path):
+    result = train(options(base, tmp_path))
     # inside the window the layers are the original attention (the memory is still empty): only rounding differs
-    assert result["retrofit_kl_inside"] < 1e-6 and result["window_only_kl_inside"] < 1e-6
-    assert result["retrofit_kl_beyond"] < 0.95 * result["window_only_kl_beyond"], result
-    assert json.load(open(tmp_path / "full" / "retrofit.json"))["step"] == 150
+    assert abs(result["retrofit_kl_inside"]) < 1e-6 and abs(result["window_only_kl_inside"]) < 1e-6
+    # measured: 0.52x with the default rank-8 adapters (0.97x without: the memory then has only the attention's keys)
+    assert result["retrofit_kl_beyond"] < 0.8 * result["window_only_kl_beyond"], result
+    assert json.load(open(tmp_path / "retrofit.json"))["step"] == 120
 
-    stopped = train(options(base, tmp_path / "resumed"), stop_at=100)
-    resumed = train(options(base, tmp_path / "resumed"), resume=True)
-    assert stopped["losses"] + resumed["losses"] == result["losses"]
 
+def test_checkpoints_hold_the_memory_and_resume_exactly(base, tmp_path):
+    short = dict(steps=6, save_every=2, eval_sequences=2)
+    full = train(options(base, tmp_path / "full", **short))
+    stopped = train(options(base, tmp_path / "resumed", **short), stop_at=3)
+    resumed = train(options(base, tmp_path / "resumed", **short), resume=True)
+    assert stopped["losses"] + resumed["losses"] == full["losses"]
+
+    checkpoint = latest_checkpoint(str(tmp_path / "full"))
     model = load_retrofitted(str(tmp_path / "full"))
-    stored = torch.load(f"{latest_checkpoint(str(tmp_path / 'full'))}/trainer.pt", weights_only=True)
-    assert stored["step"] == 150
+    trained = dict(model.named_parameters())
+    stored = load_file(f"{checkpoint}/model.safetensors")
+    assert stored.keys() == {n for n, p in trained.items() if ".self_attn.mixer." in n and p.requires_grad}
+    assert all(torch.equal(trained[name], value) for name, value in stored.items())
     with pytest.raises(ValueError, match="holds a checkpoint"):
-        train(options(base, tmp_path / "full"))
+        train(options(base, tmp_path / "full", **short))
     with pytest.raises(ValueError, match="--resume: window_size = 8 differs"):
-        train(options(base, tmp_path / "full", window_size=8), resume=True)
+        train(options(base, tmp_path / "full", window_size=8, **short), resume=True)
     other = LlamaForCausalLM.from_pretrained(base)
     retrofit(other, [1], WINDOW, memory="linear_attention")
     with pytest.raises(CheckpointError, match="does not fit the model"):
-        load_checkpoint(latest_checkpoint(str(tmp_path / "full")), other, partial=True)
-    assert isinstance(model, LlamaForCausalLM)
+        load_checkpoint(checkpoint, other, partial=True)
 
 
 def test_command_line(base, tmp_path, capsys):
