@@ -6,7 +6,8 @@ paper's plot (does the loss keep falling as the context grows?), for one or more
 
 Writes `<out>/per_position.csv` (position, then the mean loss in nats of every checkpoint at that position) and
 `<out>/per_position.png` (the same, averaged over log-spaced position bins so the curve is readable), and prints
-the mean loss per context range. Each checkpoint is read on its own run's validation split.
+the mean loss per context range. Each checkpoint is read on its own run's validation split, through its run's
+tokenizer for a tokenizer run.
 """
 
 import argparse
@@ -20,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ipl_layers.models.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
-from ipl_layers.models.data import eval_batches, load_splits
-from ipl_layers.models.train import build_model, resolve_device
+from ipl_layers.models.data import eval_batches
+from ipl_layers.models.tokenizer import check_tokenizer_unchanged
+from ipl_layers.models.train import build_model, load_data, resolve_device
 from ipl_layers.models.train_config import TrainConfig
 
 
@@ -36,17 +38,25 @@ def resolve_checkpoint(path: str) -> str:
                             f"got {path!r}")
 
 
+def load_run(checkpoint: str, device: torch.device):
+    """(config, model, validation tokens, byte_level): the checkpoint's model on `device` in eval mode, and its run's
+    validation split, tokenized as in training (the token cache of its run folder is reused)."""
+    state = read_trainer_state(checkpoint)
+    config = TrainConfig(**state["config"])
+    if config.tokenizer is not None:
+        check_tokenizer_unchanged(config.tokenizer, state.get("tokenizer_sha256"), checkpoint)
+    _, val_tokens, byte_level = load_data(config, os.path.dirname(os.path.normpath(checkpoint)))
+    model = build_model(config, byte_level)
+    load_checkpoint(checkpoint, model)
+    return config, model.to(device).eval(), val_tokens, byte_level
+
+
 @torch.no_grad()
 def per_position_loss(checkpoint: str, seq_len: int, sequences: int, batch_size: int = 4,
                       device: str = "auto") -> np.ndarray:
     """[seq_len] mean next-token loss (nats) at each position 1..seq_len over `sequences` validation windows."""
-    state = read_trainer_state(checkpoint)
-    config = TrainConfig(**state["config"])
-    _, val_tokens, byte_level = load_splits(config.data, config.val_fraction, config.token_dtype)
-    model = build_model(config, byte_level)
-    load_checkpoint(checkpoint, model)
     target = resolve_device(device)
-    model.to(target).eval()
+    _, model, val_tokens, _ = load_run(checkpoint, target)
     total = torch.zeros(seq_len, dtype=torch.float64)
     for ids in eval_batches(val_tokens, sequences, seq_len + 1, batch_size):
         ids = ids.to(target)
