@@ -3,17 +3,20 @@ paper's plot (does the loss keep falling as the context grows?), for one or more
 
     ipl-eval runs/demo                                   # the run's latest checkpoint
     ipl-eval runs/a runs/b/step-00000200 --seq_len=2048 --out=runs/compare
+    ipl-eval mqar --config=demo --steps=2000             # train and score on MQAR (train_mqar.py)
 
 Writes `<out>/per_position.csv` (position, then the mean loss in nats of every checkpoint at that position) and
 `<out>/per_position.png` (the same, averaged over log-spaced position bins so the curve is readable), and prints
 the mean loss per context range. Each checkpoint is read on its own run's validation split, through its run's
-tokenizer for a tokenizer run.
+tokenizer for a tokenizer run. A first argument "mqar" names a subcommand (a run folder of that name is "./mqar").
 """
 
 import argparse
 import csv
+import importlib
 import math
 import os
+import sys
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -25,6 +28,9 @@ from ipl_layers.models.data import eval_batches
 from ipl_layers.models.tokenizer import check_tokenizer_unchanged
 from ipl_layers.models.train import build_model, load_data, resolve_device
 from ipl_layers.models.train_config import TrainConfig
+
+# modules imported when named, not before: each imports the trainer or this module
+SUBCOMMANDS = {"mqar": "ipl_layers.models.train_mqar"}
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -124,7 +130,11 @@ def label(checkpoint: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None):
-    parser = argparse.ArgumentParser(prog="ipl-eval", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    parser = argparse.ArgumentParser(prog="ipl-eval", description=__doc__.split("\n\n")[0],
+                                     epilog=f"subcommands: {', '.join(SUBCOMMANDS)} (ipl-eval <name> --help)")
     parser.add_argument("checkpoints", nargs="+", help="run folders (their latest checkpoint) or checkpoint folders")
     parser.add_argument("--seq_len", type=int, default=None, help="default: the first run's eval_seq_len")
     parser.add_argument("--sequences", type=int, default=64, help="validation windows averaged per position")
