@@ -3,12 +3,14 @@ paper's plot (does the loss keep falling as the context grows?), for one or more
 
     ipl-eval runs/demo                                   # the run's latest checkpoint
     ipl-eval runs/a runs/b/step-00000200 --seq_len=2048 --out=runs/compare
+    ipl-eval passkey runs/demo --lengths=256,1024,4096   # passkey retrieval (passkey.py)
     ipl-eval mqar --config=demo --steps=2000             # train and score on MQAR (train_mqar.py)
 
 Writes `<out>/per_position.csv` (position, then the mean loss in nats of every checkpoint at that position) and
 `<out>/per_position.png` (the same, averaged over log-spaced position bins so the curve is readable), and prints
 the mean loss per context range. Each checkpoint is read on its own run's validation split, through its run's
-tokenizer for a tokenizer run. A first argument "mqar" names a subcommand (a run folder of that name is "./mqar").
+tokenizer for a tokenizer run. A first argument "passkey" or "mqar" names a subcommand (a run folder of that
+name is "./mqar").
 """
 
 import argparse
@@ -29,8 +31,8 @@ from ipl_layers.models.tokenizer import check_tokenizer_unchanged
 from ipl_layers.models.train import build_model, load_data, resolve_device
 from ipl_layers.models.train_config import TrainConfig
 
-# modules imported when named, not before: each imports the trainer or this module
-SUBCOMMANDS = {"mqar": "ipl_layers.models.train_mqar"}
+# modules imported when named: passkey.py builds on this module (load_run), so it cannot be imported above
+SUBCOMMANDS = {"passkey": "ipl_layers.models.passkey", "mqar": "ipl_layers.models.train_mqar"}
 
 
 def resolve_checkpoint(path: str) -> str:
