@@ -73,8 +73,9 @@ def encode_documents(tokenizer: PreTrainedTokenizerBase, documents: List[bytes],
 
 
 def _save_atomically(path: str, array: np.ndarray):
-    """A crash leaves the complete file or none: the cache is read without checks."""
-    tmp = f"{path}.tmp"
+    """A crash leaves the complete file or none: the cache is read without checks. The temporary name is the
+    process's own, as every rank of a distributed run tokenizes and writes the same entry."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         np.save(f, array)
     os.replace(tmp, path)
