@@ -9,6 +9,7 @@ Sources:
   them) token file, memory-mapped: the last `val_fraction` of its tokens is the validation split.
 
 Documents are joined with a 0 byte (NUL never occurs in source text), so byte models see document boundaries.
+With a tokenizer (tokenizer.py) the same text sources and the same split by file give token arrays instead.
 A batch is drawn from `numpy.random.default_rng([seed, step, micro])`: the data position is just the step, which
 makes resuming exact without saving any sampler state, and any rank can draw its own rows of the global batch.
 """
@@ -42,41 +43,54 @@ def _text_files(root: str, suffix: Optional[str]) -> List[str]:
     return sorted(found)
 
 
-def _byte_splits(root: str, files: List[str], val_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
+def text_sources(data: Optional[str]) -> Tuple[str, List[str]]:
+    """(root, relative paths) of the text `data` names: None -> the stdlib's `.py` files, a folder -> its files,
+    a file -> itself; the paths sorted, so the order is fixed."""
+    if data is None:
+        root = sysconfig.get_paths()["stdlib"]
+        return root, _text_files(root, ".py")
+    if not os.path.exists(data):
+        raise FileNotFoundError(f"data: expected a text file, a folder of text files or a .npy/.bin token file, "
+                                f"got {data!r}, which does not exist")
+    if os.path.isdir(data):
+        return data, _text_files(data, None)
+    return os.path.dirname(data), [os.path.basename(data)]
+
+
+def split_by_file(files: List[str], documents: List[np.ndarray], val_fraction: float, separator: int,
+                  root: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, validation): each file's tokens followed by `separator`, in the split its path's hash names."""
     parts = {False: [], True: []}
-    for relative in files:
-        with open(os.path.join(root, relative), "rb") as f:
-            parts[is_validation(relative, val_fraction)] += [f.read(), bytes([SEPARATOR])]
+    for relative, tokens in zip(files, documents):
+        parts[is_validation(relative, val_fraction)] += [tokens, np.array([separator], dtype=tokens.dtype)]
     if not parts[False] or not parts[True]:
         raise ValueError(f"data: {len(files)} files under {root!r} give an empty train or validation split "
                          f"(val_fraction = {val_fraction}); add files or change val_fraction")
-    return tuple(np.frombuffer(b"".join(parts[v]), dtype=np.uint8) for v in (False, True))
+    return np.concatenate(parts[False]), np.concatenate(parts[True])
+
+
+def tail_split(tokens: np.ndarray, val_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, validation) of one token sequence: its last `val_fraction` is the validation split."""
+    cut = len(tokens) - int(len(tokens) * val_fraction)
+    return tokens[:cut], tokens[cut:]
 
 
 def _token_file(path: str, token_dtype: str, val_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
     tokens = np.load(path, mmap_mode="r") if path.endswith(".npy") else np.memmap(path, dtype=token_dtype, mode="r")
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"data: {path!r}: expected a 1-D integer token array, got {tokens.dtype} {tokens.shape}")
-    cut = len(tokens) - int(len(tokens) * val_fraction)
-    return tokens[:cut], tokens[cut:]
+    return tail_split(tokens, val_fraction)
 
 
 def load_splits(data: Optional[str], val_fraction: float, token_dtype: str = "uint16"):
     """(train, validation, byte_level): two 1-D integer arrays and whether a token is a byte (bits per byte)."""
-    if data is None:
-        root = sysconfig.get_paths()["stdlib"]
-        return (*_byte_splits(root, _text_files(root, ".py"), val_fraction), True)
-    if not os.path.exists(data):
-        raise FileNotFoundError(f"data: expected a text file, a folder of text files or a .npy/.bin token file, "
-                                f"got {data!r}, which does not exist")
-    if data.endswith((".npy", ".bin")):
+    if data is not None and data.endswith((".npy", ".bin")) and os.path.exists(data):
         return (*_token_file(data, token_dtype, val_fraction), False)
-    if os.path.isdir(data):
-        return (*_byte_splits(data, _text_files(data, None), val_fraction), True)
-    # one text file: no files to split by, so its tail is the validation split, as for a token file
-    tokens = np.fromfile(data, dtype=np.uint8)
-    cut = len(tokens) - int(len(tokens) * val_fraction)
-    return tokens[:cut], tokens[cut:], True
+    root, files = text_sources(data)
+    documents = [np.fromfile(os.path.join(root, relative), dtype=np.uint8) for relative in files]
+    if data is not None and os.path.isfile(data):  # one file: no files to split by, so its tail is validation
+        return (*tail_split(documents[0], val_fraction), True)
+    return (*split_by_file(files, documents, val_fraction, SEPARATOR, root), True)
 
 
 def _rows(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:

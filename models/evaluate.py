@@ -3,16 +3,22 @@ paper's plot (does the loss keep falling as the context grows?), for one or more
 
     ipl-eval runs/demo                                   # the run's latest checkpoint
     ipl-eval runs/a runs/b/step-00000200 --seq_len=2048 --out=runs/compare
+    ipl-eval passkey runs/demo --lengths=256,1024,4096   # passkey retrieval (passkey.py)
+    ipl-eval mqar --config=demo --steps=2000             # train and score on MQAR (train_mqar.py)
 
 Writes `<out>/per_position.csv` (position, then the mean loss in nats of every checkpoint at that position) and
 `<out>/per_position.png` (the same, averaged over log-spaced position bins so the curve is readable), and prints
-the mean loss per context range. Each checkpoint is read on its own run's validation split.
+the mean loss per context range. Each checkpoint is read on its own run's validation split, through its run's
+tokenizer for a tokenizer run. A first argument "passkey" or "mqar" names a subcommand (a run folder of that
+name is "./mqar").
 """
 
 import argparse
 import csv
+import importlib
 import math
 import os
+import sys
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -20,9 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from ipl_layers.models.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
-from ipl_layers.models.data import eval_batches, load_splits
-from ipl_layers.models.train import build_model, resolve_device
+from ipl_layers.models.data import eval_batches
+from ipl_layers.models.tokenizer import check_tokenizer_unchanged
+from ipl_layers.models.train import build_model, load_data, resolve_device
 from ipl_layers.models.train_config import TrainConfig
+
+# modules imported when named: passkey.py builds on this module (load_run), so it cannot be imported above
+SUBCOMMANDS = {"passkey": "ipl_layers.models.passkey", "mqar": "ipl_layers.models.train_mqar"}
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -36,17 +46,25 @@ def resolve_checkpoint(path: str) -> str:
                             f"got {path!r}")
 
 
+def load_run(checkpoint: str, device: torch.device):
+    """(config, model, validation tokens, byte_level): the checkpoint's model on `device` in eval mode, and its run's
+    validation split, tokenized as in training (the token cache of its run folder is reused)."""
+    state = read_trainer_state(checkpoint)
+    config = TrainConfig(**state["config"])
+    if config.tokenizer is not None:
+        check_tokenizer_unchanged(config.tokenizer, state.get("tokenizer_sha256"), checkpoint)
+    _, val_tokens, byte_level = load_data(config, os.path.dirname(os.path.normpath(checkpoint)))
+    model = build_model(config, byte_level)
+    load_checkpoint(checkpoint, model)
+    return config, model.to(device).eval(), val_tokens, byte_level
+
+
 @torch.no_grad()
 def per_position_loss(checkpoint: str, seq_len: int, sequences: int, batch_size: int = 4,
                       device: str = "auto") -> np.ndarray:
     """[seq_len] mean next-token loss (nats) at each position 1..seq_len over `sequences` validation windows."""
-    state = read_trainer_state(checkpoint)
-    config = TrainConfig(**state["config"])
-    _, val_tokens, byte_level = load_splits(config.data, config.val_fraction, config.token_dtype)
-    model = build_model(config, byte_level)
-    load_checkpoint(checkpoint, model)
     target = resolve_device(device)
-    model.to(target).eval()
+    _, model, val_tokens, _ = load_run(checkpoint, target)
     total = torch.zeros(seq_len, dtype=torch.float64)
     for ids in eval_batches(val_tokens, sequences, seq_len + 1, batch_size):
         ids = ids.to(target)
@@ -114,7 +132,11 @@ def label(checkpoint: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None):
-    parser = argparse.ArgumentParser(prog="ipl-eval", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    parser = argparse.ArgumentParser(prog="ipl-eval", description=__doc__.split("\n\n")[0],
+                                     epilog=f"subcommands: {', '.join(SUBCOMMANDS)} (ipl-eval <name> --help)")
     parser.add_argument("checkpoints", nargs="+", help="run folders (their latest checkpoint) or checkpoint folders")
     parser.add_argument("--seq_len", type=int, default=None, help="default: the first run's eval_seq_len")
     parser.add_argument("--sequences", type=int, default=64, help="validation windows averaged per position")

@@ -10,6 +10,7 @@ queries come soon after the context and a few far later, as repeated bigrams do 
     accuracy = mqar_accuracy(model, ids, labels)
 
 `labels` is -100 except at the queried values, in the layout of `IPLForCausalLM(labels=...)` (it shifts them).
+`ipl-eval mqar` (train_mqar.py) trains a model config on these batches and scores it on a grid of lengths.
 """
 
 from typing import Tuple

@@ -4,12 +4,15 @@ config and its overrides, data.py for the data, checkpoint.py for the checkpoint
     ipl-train --config=demo                       # the tiny CPU hybrid on the embedded stdlib byte corpus
     ipl-train --config=125m --data=tokens.bin --model.vocab_size=50304 --out_dir=runs/125m
     ipl-train --config=demo --resume              # continue runs/demo from its latest checkpoint
+    ipl-train --config=demo --data=texts/ --tokenizer=tokenizers/gpt2 --out_dir=runs/gpt2-demo
 
 AdamW with the memory layers' value tables in their own group (`memory_parameter_groups`), linear warmup then a
 cosine to `lr * min_lr_ratio`, global-norm gradient clipping, gradient accumulation, bf16 autocast on CUDA.
 A resumed run continues exactly: weights, optimizer, scheduler and RNG states come from the checkpoint and the
 batches are a function of (seed, step), so on CPU its losses equal the uninterrupted run's bit for bit.
 Logs go to `<out_dir>/log.jsonl` (one JSON object per record) and a tqdm bar (loss, tokens/s, ETA).
+With `--tokenizer=DIR` the text is tokenized by that local `transformers` tokenizer (tokenizer.py), the model's
+vocab_size comes from it, and checkpoints record its path (in the config) and the sha256 of its files.
 """
 
 import contextlib
@@ -31,21 +34,48 @@ from ipl_layers.models.checkpoint import latest_checkpoint, load_checkpoint, rea
 from ipl_layers.models.configuration_ipl import IPLConfig
 from ipl_layers.models.data import BYTE_VOCAB, eval_batches, load_splits, train_batch
 from ipl_layers.models.modeling_ipl import IPLForCausalLM
+from ipl_layers.models.tokenizer import (check_tokenizer_unchanged, load_tokenizer, tokenized_splits,
+                                        tokenizer_digest)
 from ipl_layers.models.train_config import TrainConfig, parse_config
 
 # config keys a resumed run must share with its checkpoint: they define the model and the batches seen so far
-RESUME_FIXED = ("model", "data", "token_dtype", "val_fraction", "seed", "seq_len", "batch_size", "grad_accum",
-                "parallel")
+RESUME_FIXED = ("model", "data", "tokenizer", "token_dtype", "val_fraction", "seed", "seq_len", "batch_size",
+                "grad_accum", "parallel")
 
 
 def build_model(config: TrainConfig, byte_level: bool = True) -> IPLForCausalLM:
+    """The config's model for its data: the tokenizer's vocabulary, else bytes (`byte_level`), else (a token file)
+    the config's vocab_size."""
+    if config.tokenizer is not None:
+        vocab = len(load_tokenizer(config.tokenizer))
+        return model_with_vocab(config, vocab, f"the tokenizer {config.tokenizer!r} ({vocab} tokens)")
+    return model_with_vocab(config, BYTE_VOCAB if byte_level else None, "byte-level data")
+
+
+def model_with_vocab(config: TrainConfig, vocab: Optional[int], source: str) -> IPLForCausalLM:
+    """The config's model with `vocab_size` defaulting to the data's `vocab`; a config may set a larger one (padded
+    to a multiple of 64, say) but not a smaller one. `source` names the data in the error."""
     model_kwargs = dict(config.model)
-    if byte_level:
-        model_kwargs.setdefault("vocab_size", BYTE_VOCAB)
-        vocab = model_kwargs["vocab_size"]
-        if vocab < BYTE_VOCAB:
-            raise ValueError(f"model.vocab_size: byte-level data needs >= {BYTE_VOCAB}, got {vocab}")
+    if vocab is not None:
+        model_kwargs.setdefault("vocab_size", vocab)
+        if model_kwargs["vocab_size"] < vocab:
+            raise ValueError(f"model.vocab_size: {source} needs >= {vocab}, got {model_kwargs['vocab_size']}")
     return IPLForCausalLM(IPLConfig(**model_kwargs))
+
+
+def load_data(config: TrainConfig, cache_dir: str):
+    """(train, validation, byte_level) of the config's data, through its tokenizer when it names one (the token
+    arrays cached in `cache_dir`)."""
+    if config.tokenizer is None:
+        return load_splits(config.data, config.val_fraction, config.token_dtype)
+    return (*tokenized_splits(config.data, config.val_fraction, config.tokenizer, cache_dir), False)
+
+
+def build_optimizer(model: IPLForCausalLM, config: TrainConfig):
+    """(AdamW with the memory value tables in their own group, its warmup + cosine LambdaLR scheduler)."""
+    optimizer = torch.optim.AdamW(memory_parameter_groups(model, config.lr, config.values_lr, config.weight_decay),
+                                  betas=(0.9, 0.95))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,11 +123,14 @@ class JsonlLog:
             f.write(json.dumps(record) + "\n")
 
 
-def _check_resumable(config: TrainConfig, saved: dict, path: str):
+def _check_resumable(config: TrainConfig, state: dict, path: str):
+    saved = vars(TrainConfig(**state["config"]))  # keys added since the checkpoint was written take their defaults
     for key in RESUME_FIXED:
         if saved[key] != getattr(config, key):
             raise ValueError(f"--resume: {key} = {getattr(config, key)!r} differs from the checkpoint's "
                              f"{saved[key]!r} ({path}); use the run's config or a new out_dir")
+    if config.tokenizer is not None:
+        check_tokenizer_unchanged(config.tokenizer, state.get("tokenizer_sha256"), path)
 
 
 def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = None) -> dict:
@@ -118,19 +151,17 @@ def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = No
     if checkpoint is not None and not resume:
         raise ValueError(f"out_dir: {config.out_dir!r} holds a checkpoint ({checkpoint}): pass --resume to "
                          "continue it, or choose another out_dir")
-    train_tokens, val_tokens, byte_level = load_splits(config.data, config.val_fraction, config.token_dtype)
+    if checkpoint is not None:  # before the data: a changed tokenizer is refused, not used
+        _check_resumable(config, read_trainer_state(checkpoint), checkpoint)
+    train_tokens, val_tokens, byte_level = load_data(config, config.out_dir)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config, byte_level).to(device).train()
-    state = None
-    if checkpoint is not None:  # the weights go into the whole model, before any sharding
-        _check_resumable(config, read_trainer_state(checkpoint)["config"], checkpoint)
-        state = load_checkpoint(checkpoint, model)
+    # the weights go into the whole model, before any sharding
+    state = load_checkpoint(checkpoint, model) if checkpoint is not None else None
     use_fsdp = world > 1 and config.parallel == "fsdp"
     wrapped = fsdp.shard(model) if use_fsdp else DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(memory_parameter_groups(model, config.lr, config.values_lr, config.weight_decay),
-                                  betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
+    optimizer, scheduler = build_optimizer(model, config)
     step = 0
     if state is not None:
         if use_fsdp:
@@ -143,6 +174,7 @@ def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = No
         say(f"resumed {checkpoint} at step {step}")
     elif resume:
         say(f"no checkpoint in {config.out_dir}: starting from step 0")
+    tokenizer_sha256 = tokenizer_digest(config.tokenizer) if config.tokenizer is not None else None
     log = JsonlLog(os.path.join(config.out_dir, "log.jsonl") if rank == 0 else None)
     val = eval_batches(val_tokens, config.eval_sequences, config.seq_len + 1, config.batch_size)
     end = config.steps if stop_at is None else min(stop_at, config.steps)
@@ -159,7 +191,8 @@ def train(config: TrainConfig, resume: bool = False, stop_at: Optional[int] = No
         if rank == 0:
             save_checkpoint(config.out_dir, step, saved, {
                 "step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(), "config": vars(config), "byte_level": byte_level})
+                "rng": torch.get_rng_state(), "config": vars(config), "byte_level": byte_level,
+                "tokenizer_sha256": tokenizer_sha256})
         if world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
 

@@ -20,6 +20,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 class TrainConfig:
     model: dict = dataclasses.field(default_factory=dict)  # IPLConfig keyword arguments
     data: Optional[str] = None  # None: the embedded stdlib byte corpus; else a path (see data.py)
+    tokenizer: Optional[str] = None  # a local transformers tokenizer folder for text data (tokenizer.py); None: bytes
     token_dtype: str = "uint16"  # of a raw .bin token file
     val_fraction: float = 0.05
     seed: int = 0
@@ -59,6 +60,9 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel: expected 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.tokenizer is not None and self.data is not None and self.data.endswith((".npy", ".bin")):
+            raise ValueError(f"tokenizer: expected text data to tokenize, got data = {self.data!r}, a token file "
+                             "(already tokenized): drop --tokenizer or pass the text")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:<i>', got {self.device!r}")
 

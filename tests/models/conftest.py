@@ -22,3 +22,22 @@ def tiny_train_args(tmp_path):
             "--model.mixers=swa,ttt_linear", "--model.mixer_kwargs={ttt_linear: {mini_batch_size: 8}}",
             "--model.window_size=8",
             "--model.ffn={memory_layers: [1], kwargs: {memory_plus: {num_heads: 2, num_keys: 8, topk: 2, key_dim: 8}}}"]
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path):
+    """A local tokenizer folder: a byte-level BPE of 300 tokens (so any text encodes) trained offline on a few
+    strings, with an eos token, saved as `transformers` saves one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([f"def f{i}(x):\n    return x * {i}\n" for i in range(50)] +
+                            ["The pass key is 12345. Remember it. What is the pass key?"], trainer)
+    path = tmp_path / "tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained(str(path))
+    return str(path)
