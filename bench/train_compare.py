@@ -1,6 +1,6 @@
 """Tiny models trained side by side on the embedded stdlib byte corpus, equal steps and data, then compared:
 validation bits per byte, mean loss per range of positions (from the per-position eval, at lengths far beyond
-the training length), the cache size and greedy tokens/s when decoding at a long context.
+the training length), the cache size and greedy tokens/s when decoding at a long context, MQAR accuracy.
 
     python bench/train_compare.py memory_attention   # issue 10: full attention, sliding window, memory attention
     python bench/train_compare.py pretraining        # issue 7: the demo hybrid, attention, Gated DeltaNet
@@ -31,6 +31,7 @@ from ipl_layers.cache import FastWeightCache  # noqa: E402
 from ipl_layers.models.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from ipl_layers.models.evaluate import per_position_loss, write_outputs  # noqa: E402
 from ipl_layers.models.train import build_model, train  # noqa: E402
+from ipl_layers.models.train_mqar import train_mqar, write_results  # noqa: E402
 from ipl_layers.models.train_config import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +46,10 @@ PRESETS = {
             "attention": dict(mixers="attn*4"),
             "sliding_window": dict(mixers="swa*4"),
             **{f"memory_{memory}": dict(mixers="memory_attention*4", mixer_kwargs={"memory_attention": {
-                "memory": memory}}) for memory in ("gated_deltanet", "delta_rule", "linear_attention")},
+                "memory": memory}}) for memory in ("gated_deltanet", "delta_rule", "linear_attention", "ttt_linear",
+                                                    "titans")},
         },
-        "steps": 400, "eval_len": 2048, "ranges": [(1, 64), (64, 256), (256, 1024), (1024, 2048)],
+        "steps": 300, "eval_len": 2048, "ranges": [(1, 64), (64, 256), (256, 1024), (1024, 2048)],
         "decode_context": 8192,
     },
     # issue 7: the demo hybrid against its pure attention and pure Gated DeltaNet counterparts
@@ -62,6 +64,10 @@ PRESETS = {
                                                                             "topk": 8, "key_dim": 32}}}),
         "steps": 800, "eval_len": 8192, "ranges": [(1, 256), (256, 512), (512, 2048), (2048, 8192)],
         "points": [512, 2048, 8192], "decode_context": None,
+        # each model trained again from scratch on MQAR (Zoology's setting: vocab 8192, 8-64 pairs at length 256),
+        # scored at length 1024 with 64 and 256 pairs
+        "mqar": dict(steps=1000, seq_len=256, batch_size=16, lr=3e-3, train_kv_pairs=(8, 16, 32, 64),
+                     eval_seq_len=1024, eval_kv_pairs=(64, 256), vocab_size=8192),
     },
 }
 
@@ -76,6 +82,7 @@ def parse_args(argv):
     p.add_argument("--decode-runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="+", help="train and evaluate only these models of the preset")
+    p.add_argument("--no-mqar", action="store_true", help="skip the preset's MQAR training and accuracy")
     p.add_argument("--out", help="output path without suffix (default: bench/results/train_<preset>)")
     return p.parse_args(argv)
 
@@ -101,6 +108,20 @@ def decode_figures(config: TrainConfig, checkpoint: str, context: int, runs: int
             **decode_tokens_per_second(model, context, model.config.vocab_size, runs)}
 
 
+def mqar_figures(model: dict, settings: dict, steps, out_dir: Path) -> dict:
+    """MQAR accuracy {num_kv_pairs: accuracy} of the model trained on MQAR alone (read back when already run)."""
+    done = out_dir / "mqar.json"
+    if not done.exists():
+        config = TrainConfig(model=model, steps=steps or settings["steps"], seq_len=settings["seq_len"],
+                             batch_size=settings["batch_size"], lr=settings["lr"], warmup_steps=50,
+                             eval_sequences=32, log_every=50, out_dir=str(out_dir))
+        record = train_mqar(config, settings["vocab_size"], settings["train_kv_pairs"], (settings["eval_seq_len"],),
+                            settings["eval_kv_pairs"])
+        write_results(record, str(out_dir))
+    results = json.loads(done.read_text())["results"]
+    return {str(r["num_kv_pairs"]): r["accuracy"] for r in results}
+
+
 def range_means(curve: np.ndarray, ranges) -> dict:
     """Mean loss over positions [lo, hi) (1-based: curve[p - 1] is the loss at position p)."""
     return {f"{lo}-{hi}": float(curve[lo - 1: hi - 1].mean()) for lo, hi in ranges if hi - 1 <= len(curve)}
@@ -120,6 +141,8 @@ def run_model(name: str, spec: dict, preset: dict, args, runs_dir: Path) -> dict
     row["ranges"] = range_means(curve, preset["ranges"])
     row["points"] = {str(p): float(curve[max(0, p - 16): p].mean()) for p in preset.get("points", [])
                      if p <= len(curve)}
+    if "mqar" in preset and not args.no_mqar:
+        row["mqar"] = mqar_figures(model, preset["mqar"], args.steps, runs_dir / f"{name}_mqar")
     context = args.decode_context or preset["decode_context"]
     if context:
         row["decode"] = decode_figures(config, checkpoint, context, args.decode_runs)
@@ -130,6 +153,8 @@ def markdown(preset_name: str, preset: dict, info: dict, rows: dict) -> str:
     ranges = list(next(iter(rows.values()))["ranges"])
     points = list(next(iter(rows.values()))["points"])
     header = ["model", "params", "val bits/byte"] + [f"loss {r}" for r in ranges] + [f"loss @{p}" for p in points]
+    mqar = list(next(iter(rows.values())).get("mqar", {}))
+    header += [f"MQAR {p} pairs" for p in mqar]
     decode = "decode" in next(iter(rows.values()))
     if decode:
         header += [f"cache MiB @{info['decode_context']}", "decode tok/s"]
@@ -142,6 +167,7 @@ def markdown(preset_name: str, preset: dict, info: dict, rows: dict) -> str:
     for name, row in rows.items():
         cells = [name, f"{row['params'] / 1e6:.2f}M", f"{row['val_bits']:.3f}"]
         cells += [f"{row['ranges'][r]:.3f}" for r in ranges] + [f"{row['points'][p]:.3f}" for p in points]
+        cells += [f"{row['mqar'][p]:.3f}" for p in mqar]
         if decode:
             cells += [f"{row['decode']['cache_mib']:.2f}", f"{row['decode']['tokens_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
