@@ -10,8 +10,9 @@ model's next-token distribution from the frozen original's, on the same text.
 
 The loop is ipl-train's: AdamW, linear warmup then cosine, clipping, a tqdm bar, `log.jsonl`, atomic checkpoints
 with a manifest (only the trained parameters are stored: the rest is the base model), exact resume (batches are a
-function of (seed, step)). Data: `--data` as for ipl-train (default: the embedded stdlib byte corpus), byte-level,
-so the base model's vocabulary must cover the 256 byte values. At the end, and every `eval_every` steps, the KL to
+function of (seed, step)). Data: `--data` text as for ipl-train (default: the embedded stdlib corpus), encoded by
+the base model's own tokenizer when its folder holds one (`--tokenizer` names another folder), else as bytes (the
+base vocabulary must then cover the 256 byte values). At the end, and every `eval_every` steps, the KL to
 the teacher is reported inside the window and beyond it, next to the same model with its memory gates closed (the
 sliding-window-only model that the memory has to beat).
 """
@@ -34,11 +35,12 @@ from ipl_layers.layers import MemoryAttention
 from ipl_layers.models.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from ipl_layers.models.data import BYTE_VOCAB, eval_batches, load_splits, train_batch
 from ipl_layers.models.patching import patch_attention
+from ipl_layers.models.tokenizer import tokenized_splits
 from ipl_layers.models.train import JsonlLog, lr_factor, resolve_device
 
 # options a resumed run must share with its checkpoint: they define the model and the batches seen so far
-RESUME_FIXED = ("base", "layers", "window_size", "memory", "adapter_rank", "memory_kwargs", "data", "val_fraction",
-                "seed", "seq_len", "batch_size")
+RESUME_FIXED = ("base", "layers", "window_size", "memory", "adapter_rank", "memory_kwargs", "data", "tokenizer",
+                "val_fraction", "seed", "seq_len", "batch_size")
 
 
 @dataclass
@@ -50,6 +52,7 @@ class RetrofitConfig:
     adapter_rank: int = 8  # the memory's own low-rank q/k/v adapters (0: it reads and writes the attention's)
     memory_kwargs: Dict = field(default_factory=dict)  # more MemoryAttention options
     data: Optional[str] = None
+    tokenizer: Optional[str] = None  # None: the base folder's tokenizer when it has one, else bytes
     val_fraction: float = 0.05
     seed: int = 0
     seq_len: int = 2048
@@ -149,13 +152,36 @@ def kl_report(student, teacher, batches: List[torch.Tensor], window: int, device
     return report
 
 
+def tokenizer_path(config: RetrofitConfig) -> Optional[str]:
+    """The tokenizer folder the text goes through: `tokenizer`, else the base folder when it holds one, else None
+    (bytes)."""
+    if config.tokenizer is not None:
+        return config.tokenizer
+    has_one = any(os.path.isfile(os.path.join(config.base, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    return config.base if has_one else None
+
+
+def load_data(config: RetrofitConfig):
+    """(train, validation) token arrays of `data`, through the tokenizer or as bytes."""
+    path = tokenizer_path(config)
+    if path is not None:
+        if config.data is not None and config.data.endswith((".npy", ".bin")):
+            raise ValueError(f"data: expected text for the tokenizer {path!r}, got the token file {config.data!r}")
+        return tokenized_splits(config.data, config.val_fraction, path, cache_dir=config.out_dir)
+    train_tokens, val_tokens, byte_level = load_splits(config.data, config.val_fraction)
+    if not byte_level:
+        raise ValueError(f"data: expected text, got the token file {config.data!r}: the token ids of another "
+                         "tokenizer mean nothing to the base model")
+    return train_tokens, val_tokens
+
+
 def load_models(config: RetrofitConfig, device: torch.device):
     """(teacher, student, trainable names): the base model twice, the second retrofitted."""
     teacher = AutoModelForCausalLM.from_pretrained(config.base, local_files_only=True).to(device).eval()
     teacher.requires_grad_(False)
-    if teacher.config.vocab_size < BYTE_VOCAB:
-        raise ValueError(f"base: byte-level data needs a vocabulary of >= {BYTE_VOCAB}, {config.base!r} has "
-                         f"{teacher.config.vocab_size}")
+    if tokenizer_path(config) is None and teacher.config.vocab_size < BYTE_VOCAB:
+        raise ValueError(f"base: byte-level data (no tokenizer in {config.base!r}) needs a vocabulary of >= "
+                         f"{BYTE_VOCAB}, got {teacher.config.vocab_size}")
     torch.manual_seed(config.seed)  # the memory's own initial parameters
     student = AutoModelForCausalLM.from_pretrained(config.base, local_files_only=True)
     trainable = retrofit(student, config.layers, config.window_size, config.memory, adapter_rank=config.adapter_rank,
@@ -181,10 +207,7 @@ def train(config: RetrofitConfig, resume: bool = False, stop_at: Optional[int] =
     if checkpoint is not None and not resume:
         raise ValueError(f"out_dir: {config.out_dir!r} holds a checkpoint ({checkpoint}): pass --resume to "
                          "continue it, or choose another out_dir")
-    train_tokens, val_tokens, byte_level = load_splits(config.data, config.val_fraction)
-    if not byte_level:
-        raise ValueError(f"data: expected text (bytes), got the token file {config.data!r}: the token ids of another "
-                         "tokenizer mean nothing to the base model")
+    train_tokens, val_tokens = load_data(config)
     device = resolve_device(config.device)
     teacher, student, trainable = load_models(config, device)
     params = [p for p in student.parameters() if p.requires_grad]

@@ -82,3 +82,24 @@ def test_command_line(base, tmp_path, capsys):
         main([base, "--layers=a", f"--out_dir={tmp_path}"])
     with pytest.raises(ValueError, match="seq_len: expected more than window_size"):
         main([base, "--layers=0", "--window_size=64", "--seq_len=64", f"--out_dir={tmp_path / 'x'}"])
+
+
+def test_the_base_folders_tokenizer_encodes_the_text(tiny_tokenizer, tmp_path):
+    """A base model saved with its tokenizer trains on text encoded by that tokenizer (token files refused)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_tokenizer, base)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(base)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"f{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j}\n" for j in range(30)))
+    run = options(str(base), tmp_path / "run", layers=[0], window_size=8, seq_len=24, batch_size=2, steps=2,
+                  eval_sequences=2, data=str(corpus), val_fraction=0.25)
+    result = train(run)
+    assert result["step"] == 2 and list((tmp_path / "run").glob("tokens-*-train.npy"))
+    with pytest.raises(ValueError, match="expected text for the tokenizer"):
+        train(options(str(base), tmp_path / "other", layers=[0], data=str(tmp_path / "t.npy")))
