@@ -46,7 +46,7 @@ def test_distillation_beats_the_window_alone(base, tmp_path):
     result = train(options(base, tmp_path))
     # inside the window the layers are the original attention (the memory is still empty): only rounding differs
     assert abs(result["retrofit_kl_inside"]) < 1e-6 and abs(result["window_only_kl_inside"]) < 1e-6
-    # measured: 0.52x with the default rank-8 adapters (0.97x without: the memory then has only the attention's keys)
+    # measured: 0.62x with the default rank-8 adapters (0.99x without: the memory then has only the attention's keys)
     assert result["retrofit_kl_beyond"] < 0.8 * result["window_only_kl_beyond"], result
     assert json.load(open(tmp_path / "retrofit.json"))["step"] == 120
 
