@@ -3,6 +3,7 @@ step against eager torch (the same call with the extension switched off) side by
 
     python bench/decode.py --out bench/results/decode          # B = 1 and 16, H = 4, K = V = 64
     python bench/decode.py --batch 1 --K 8 --min-run-time 0.01  # smoke
+    python bench/decode.py --only ttt_mlp TTTMLP --out bench/results/decode_ttt_mlp  # some cases
 
 Per case: median seconds per step, one token of each of the B sequences (`torch.utils.benchmark`), tokens/s
 (B / median) and the eager/fused ratio; the fused output is checked against the eager one first. Layers
@@ -27,15 +28,16 @@ from timing import median_seconds  # noqa: E402
 
 from ipl_layers import _ext  # noqa: E402
 from ipl_layers.layers import (  # noqa: E402
-    DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearAttention, TitansMemory, TTTLinear,
+    DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearAttention, TitansMemory, TTTLinear, TTTMLP,
 )
-from ipl_layers.ops import delta_rule, linear_attention, short_conv, titans_memory, ttt_linear  # noqa: E402
-from ipl_layers.state import TTTLinearState  # noqa: E402
+from ipl_layers.ops import delta_rule, linear_attention, short_conv, titans_memory, ttt_linear, ttt_mlp  # noqa: E402
+from ipl_layers.state import TTTLinearState, TTTMLPState  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "decode"
 TARGET = 5.0  # the issue's target: fused >= 5x eager torch per layer at B = 1
 CONV_WIDTH, MINI_BATCH, PREFILL = 4, 16, 5
 TITANS_DEPTH, TITANS_EXPAND, TITANS_CHUNK = 2, 4, 64  # the TitansMemory layer's defaults
+TTT_MLP_EXPAND = 4  # the TTTMLP layer's default: F = 4 K
 
 
 def parse_args(argv):
@@ -46,6 +48,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both paths")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing (adaptive autorange)")
     p.add_argument("--out", default=str(OUT), help="output path without suffix (.md and .json are written)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="run only the cases whose name contains one of these (default: all)")
     return p.parse_args(argv)
 
 
@@ -71,6 +75,11 @@ def op_cases(B, H, K):
     eta = 0.01 * torch.rand(B, 1, H)
     ttt_state = TTTLinearState(0.02 * torch.randn(B, H, K, K), torch.zeros(B, H, K), 0.01 * torch.randn(B, H, K, K),
                                torch.zeros(B, H, K), torch.full((B,), 3, dtype=torch.long))
+    Fm = TTT_MLP_EXPAND * K
+    mlp_weights = (0.02 * torch.randn(B, H, K, Fm), torch.zeros(B, H, Fm), 0.02 * torch.randn(B, H, Fm, K),
+                   torch.zeros(B, H, K))  # W1 [B, H, K, F], b1, W2 [B, H, F, K], b2 as the layer's init
+    mlp_state = TTTMLPState(*mlp_weights, *(0.01 * torch.randn_like(w) for w in mlp_weights),
+                            torch.full((B,), 3, dtype=torch.long))
     F_ = TITANS_EXPAND * K
     titans_weights = (torch.randn(B, H, K, F_) / K**0.5, torch.randn(B, H, F_, K) / F_**0.5)  # [B, H, d_l, d_l+1]
     theta, alpha = 0.01 * torch.rand(B, 1, H), 0.01 * torch.rand(B, 1, H)
@@ -85,6 +94,8 @@ def op_cases(B, H, K):
                                                      output_final_state=True, backend="torch")[0]),
         ("ttt_linear b=16", lambda: ttt_linear(q, k, v, eta, mini_batch_size=MINI_BATCH, initial_state=ttt_state,
                                               output_final_state=True, backend="torch")[0]),
+        ("ttt_mlp b=16", lambda: ttt_mlp(q, k, v, eta, mini_batch_size=MINI_BATCH, initial_state=mlp_state,
+                                        output_final_state=True, backend="torch")[0]),
         (f"titans_memory depth={TITANS_DEPTH}", lambda: titans_memory(
             q, k, v, theta, beta, alpha, chunk_size=TITANS_CHUNK, initial_state=titans_weights,
             output_final_state=True, backend="torch")[0]),
@@ -103,6 +114,8 @@ def layer_cases(B, H, K):
         ("GatedDeltaNet (short conv)", GatedDeltaNet(**dims)),
         ("TTTLinear b=16", TTTLinear(hidden_size=hidden, num_heads=H, mini_batch_size=MINI_BATCH, layer_idx=0,
                                        backend="torch")),
+        ("TTTMLP b=16", TTTMLP(hidden_size=hidden, num_heads=H, mini_batch_size=MINI_BATCH, expand=TTT_MLP_EXPAND,
+                               layer_idx=0, backend="torch")),
         ("TitansMemory (short conv)", TitansMemory(hidden_size=hidden, num_heads=H, layer_idx=0, backend="torch")),
     ]
     cases = []
@@ -168,6 +181,11 @@ def target_line(rows):
     return f"Target (fused >= {TARGET:.0f}x eager per layer at B = 1): NOT met by " + ", ".join(missed) + "."
 
 
+def selected(cases, only):
+    """The cases whose name (first field) contains one of the `only` strings; all without `only`."""
+    return [c for c in cases if only is None or any(s in c[0] for s in only)]
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not _ext.available():
@@ -177,13 +195,13 @@ def main(argv=None):
     torch.manual_seed(0)
     rows = []
     for B in args.batch:
-        for name, fn in op_cases(B, args.H, args.K):
+        for name, fn in selected(op_cases(B, args.H, args.K), args.only):
             err = same_output("op", name, B, fn, fn)
             row = dict(measure("op", name, B, fn, fn, args.min_run_time), rel_rms_vs_eager=err)
             rows.append(row)
             print(f"op    {name:28s} B={B:<3d} fused {row['fused_ms']:.4f} ms  eager {row['eager_ms']:.4f} ms  "
                   f"{row['speedup']:.1f}x", flush=True)
-        for name, step, fresh in layer_cases(B, args.H, args.K):
+        for name, step, fresh in selected(layer_cases(B, args.H, args.K), args.only):
             err = same_output("layer", name, B, fresh, fresh)
             row = dict(measure("layer", name, B, step, step, args.min_run_time), rel_rms_vs_eager=err)
             rows.append(row)

@@ -117,6 +117,20 @@ def ttt_linear_step(q, k, v, eta, ln_weight, ln_bias, scale, state, use_ln=True,
     return outs[0], TTTLinearState(*outs[1:])
 
 
+def ttt_mlp_step(q, k, v, eta, ln_weight, ln_bias, scale, state, use_ln=True, use_residual=True):
+    """One TTT-MLP decoding step on CPU (csrc/common/ttt_mlp_step.h).
+
+    q, k, v [N, H, K]; eta [N, H]; ln_weight, ln_bias [H, K]; scale [H, C] the position scales; state a
+    `TTTMLPState` (W1, sum_W1 [N, H, K, F], b1, sum_b1 [N, H, F], W2, sum_W2 [N, H, F, K], b2, sum_b2 [N, H, K],
+    position [N] int64). Returns (o [N, H, K] fp32, the new `TTTMLPState` in fp32): the token's gradients join the
+    open mini-batch's sums, committed into the weights at its end; the input state is left unchanged.
+    """
+    from ipl_layers.state import TTTMLPState
+
+    outs = _require().ttt_mlp_step(q, k, v, eta, ln_weight, ln_bias, scale, *state, use_ln, use_residual)
+    return outs[0], TTTMLPState(*outs[1:])
+
+
 def titans_step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, state, C, use_ln=True, use_residual=True):
     """One Titans-memory decoding step on CPU (csrc/common/titans_step.h).
 

@@ -35,16 +35,17 @@ IPL_HOST_DEVICE void ttt_ln_stats(const float* y, int K, float* mean, float* rst
   *rstd = 1.0f / sqrtf(var / K + kTTTLnEps);
 }
 
-// Phase 1: z[j] = sum_i k[i] W[i, j] (+ b[j]) for the columns [j0, j0 + TW) ∩ [0, K). W: [K, K] row-major;
-// b may be nullptr (no bias).
+// Phase 1: z[j] = sum_i k[i] W[i, j] (+ b[j]) for the columns [j0, j0 + TW) ∩ [0, d_out). W: [d_in, d_out]
+// row-major (TTT-Linear: d_in = d_out = K; TTT-MLP's layers: K -> F and F -> K); b may be nullptr (no bias).
 template <int TW>
-IPL_HOST_DEVICE void ttt_linear_z_columns(const float* k, const float* W, const float* b, float* z, int K, int j0) {
-  const int width = K - j0 < TW ? K - j0 : TW;
+IPL_HOST_DEVICE void ttt_linear_z_columns(const float* k, const float* W, const float* b, float* z, int d_in,
+                                          int d_out, int j0) {
+  const int width = d_out - j0 < TW ? d_out - j0 : TW;
   float acc[TW];  // [TW]
   for (int c = 0; c < width; ++c) acc[c] = b == nullptr ? 0.0f : b[j0 + c];
-  for (int i = 0; i < K; ++i) {
+  for (int i = 0; i < d_in; ++i) {
     const float ki = k[i];
-    const float* row = W + static_cast<long long>(i) * K + j0;  // [TW]
+    const float* row = W + static_cast<long long>(i) * d_out + j0;  // [TW]
     for (int c = 0; c < width; ++c) acc[c] += ki * row[c];
   }
   for (int c = 0; c < width; ++c) z[j0 + c] = acc[c];
@@ -73,23 +74,43 @@ IPL_HOST_DEVICE void ttt_means(const float* a, const float* b, int K, float* mea
   *mean_ab = sab / K;
 }
 
-// Phase 3, columns [j0, j0 + TW) ∩ [0, K): S' = S + eta k^T G, x = q (W - s S') for those columns, and the new
-// state: W_out = W - s S' and S_out = 0 when `commit`, else W_out = W and S_out = S'. W_in/W_out and S_in/S_out
-// may alias (a column's entry is read before it is written, by one caller). G: [K]; x: [K] (written).
+// Phase 2 on one thread (the CPU ops; csrc/cuda/block_loss_grad.cuh is the block's twin): d = scale dl/dz of
+// l = 1/2 ||LN(z) - t||^2, or d = scale (z - t) without LN, with t = v - k with the residual, else v. z, v, k,
+// gamma, beta, d: [n]; xh [n] is scratch (the normalised z).
+IPL_HOST_DEVICE void ttt_loss_grad(const float* z, const float* v, const float* k, const float* gamma,
+                                   const float* beta, int n, bool use_ln, bool use_residual, float scale, float* d,
+                                   float* xh) {
+  if (use_ln) {
+    float mu, r, mean_gx, mean_gxx;
+    ttt_ln_stats(z, n, &mu, &r);
+    for (int j = 0; j < n; ++j) {
+      d[j] = ttt_ln_residual(z[j], use_residual ? v[j] - k[j] : v[j], gamma[j], beta[j], mu, r, &xh[j]);
+    }
+    ttt_means(d, xh, n, &mean_gx, &mean_gxx);
+    for (int j = 0; j < n; ++j) d[j] = scale * ttt_ln_grad(d[j], xh[j], r, mean_gx, mean_gxx);
+  } else {
+    for (int j = 0; j < n; ++j) d[j] = scale * (z[j] - (use_residual ? v[j] - k[j] : v[j]));
+  }
+}
+
+// Phase 3, columns [j0, j0 + TW) ∩ [0, d_out): S' = S + eta k^T G, x = q (W - s S') for those columns, and the
+// new state: W_out = W - s S' and S_out = 0 when `commit`, else W_out = W and S_out = S'. W_in/W_out and
+// S_in/S_out may alias (a column's entry is read before it is written, by one caller). q, k: [d_in];
+// W, S: [d_in, d_out]; G: [d_out]; x: [d_out] (written).
 template <int TW>
 IPL_HOST_DEVICE void ttt_linear_update_columns(const float* q, const float* k, float eta, const float* G, float s,
                                                const float* W_in, const float* S_in, float* W_out, float* S_out,
-                                               float* x, int K, int j0, bool commit) {
-  const int width = K - j0 < TW ? K - j0 : TW;
+                                               float* x, int d_in, int d_out, int j0, bool commit) {
+  const int width = d_out - j0 < TW ? d_out - j0 : TW;
   float acc[TW];   // [TW] q (W - s S')
   float grad[TW];  // [TW] eta G
   for (int c = 0; c < width; ++c) {
     acc[c] = 0.0f;
     grad[c] = eta * G[j0 + c];
   }
-  for (int i = 0; i < K; ++i) {
+  for (int i = 0; i < d_in; ++i) {
     const float ki = k[i], qi = q[i];
-    const long long row = static_cast<long long>(i) * K + j0;
+    const long long row = static_cast<long long>(i) * d_out + j0;
 #ifndef __CUDACC__
 #pragma GCC ivdep  // an output aliases at most its own input at the same index: the tile vectorizes
 #endif

@@ -22,6 +22,21 @@ inline void check_float_cpu(const char* op, const std::string& name, const at::T
   }
 }
 
+// position: int64 [N], each sequence's place in its open mini-batch (chunk), in [0, C). Returns it contiguous.
+inline at::Tensor check_position(const char* op, const at::Tensor& position, int64_t N, int64_t C) {
+  TORCH_CHECK_TYPE(position.scalar_type() == at::kLong, op, ": position: expected int64, got ",
+                   position.scalar_type());
+  TORCH_CHECK_VALUE(position.dim() == 1 && position.size(0) == N, op, ": position: expected shape [N] = [", N,
+                    "], got ", position.sizes());
+  at::Tensor pos = position.contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_VALUE(pp[n] >= 0 && pp[n] < C, op, ": position: expected values in [0, C = ", C, "), got ", pp[n],
+                      " at sequence ", n);
+  }
+  return pos;
+}
+
 // A contiguous fp32 copy (none when x already is one): the shared arithmetic reads raw fp32 rows.
 inline at::Tensor f32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
 

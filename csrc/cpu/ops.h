@@ -40,6 +40,19 @@ std::vector<at::Tensor> ttt_linear_step(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& sum_W, const at::Tensor& sum_b, const at::Tensor& position,
                                         bool use_ln, bool use_residual, bool use_bias);
 
+// One decoding step of TTT-MLP (inner MLP K -> F -> K); see csrc/common/ttt_mlp_step.h for the math.
+// q, k, v [N, H, K]; eta [N, H]; ln_weight, ln_bias [H, K]; scale [H, C] (the position scales s_1..s_C);
+// the open mini-batch's state W1, sum_W1 [N, H, K, F], b1, sum_b1 [N, H, F], W2, sum_W2 [N, H, F, K],
+// b2, sum_b2 [N, H, K] and position [N] int64 in [0, C).
+// Returns {o [N, H, K] fp32, W1', b1', W2', b2', sum_W1', sum_b1', sum_W2', sum_b2' (fp32),
+// position' = (position + 1) % C}; no input is modified.
+std::vector<at::Tensor> ttt_mlp_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& eta, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                                     const at::Tensor& scale, const at::Tensor& W1, const at::Tensor& b1,
+                                     const at::Tensor& W2, const at::Tensor& b2, const at::Tensor& sum_W1,
+                                     const at::Tensor& sum_b1, const at::Tensor& sum_W2, const at::Tensor& sum_b2,
+                                     const at::Tensor& position, bool use_ln, bool use_residual);
+
 // One decoding step of the Titans memory (an MLP of depth L); see csrc/common/titans_step.h for the math.
 // q, k [N, H, K]; v [N, H, V]; theta, eta, alpha [N, H]; ln_weight, ln_bias [H, V]; start, momentum, weights:
 // L matrices [N, H, d_l, d_{l+1}] each (d_0 = K, d_L = V); position [N] int64 in [0, C).

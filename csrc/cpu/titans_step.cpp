@@ -53,16 +53,8 @@ std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK_VALUE(dims.back() == V, kOp, ": start[", L - 1, "]: the last layer must map to V = ", V,
                     " features, got ", dims.back());
   TORCH_CHECK_VALUE(C >= 1, kOp, ": C: expected a positive chunk size, got ", C);
-  TORCH_CHECK_TYPE(position.scalar_type() == at::kLong, kOp, ": position: expected int64, got ",
-                   position.scalar_type());
-  TORCH_CHECK_VALUE(position.dim() == 1 && position.size(0) == N, kOp, ": position: expected shape [N] = [", N,
-                    "], got ", position.sizes());
-  const at::Tensor pos = position.contiguous();
+  const at::Tensor pos = check_position(kOp, position, N, C);
   const int64_t* pp = pos.data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK_VALUE(pp[n] >= 0 && pp[n] < C, kOp, ": position: expected values in [0, C = ", C, "), got ", pp[n],
-                      " at sequence ", n);
-  }
   // fp32 contiguous copies (none when already so); the outputs are new tensors (the inputs are not modified)
   const at::Tensor q32 = f32(q), k32 = f32(k), v32 = f32(v), th32 = f32(theta), et32 = f32(eta), al32 = f32(alpha);
   const at::Tensor g32 = f32(ln_weight), b32 = f32(ln_bias);
@@ -109,18 +101,8 @@ std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, co
       const float* z_last = zs + z_off[L - 1];
       float* d_last = ds + z_off[L - 1];
       const int Vi = static_cast<int>(V);
-      if (use_ln) {  // twice TTT's gradient: Titans' loss is ||LN(z) - t||^2, not half of it
-        float mu, r, mean_gx, mean_gxx;
-        ttt_ln_stats(z_last, Vi, &mu, &r);
-        for (int j = 0; j < Vi; ++j) {
-          d_last[j] = ttt_ln_residual(z_last[j], use_residual ? vv[j] - kv[j] : vv[j], gamma[j], beta[j], mu, r,
-                                      &xh[j]);
-        }
-        ttt_means(d_last, xh, Vi, &mean_gx, &mean_gxx);
-        for (int j = 0; j < Vi; ++j) d_last[j] = 2.0f * ttt_ln_grad(d_last[j], xh[j], r, mean_gx, mean_gxx);
-      } else {
-        for (int j = 0; j < Vi; ++j) d_last[j] = 2.0f * (z_last[j] - (use_residual ? vv[j] - kv[j] : vv[j]));
-      }
+      // twice TTT's gradient: Titans' loss is ||LN(z) - t||^2, not half of it
+      ttt_loss_grad(z_last, vv, kv, gamma, beta, Vi, use_ln, use_residual, 2.0f, d_last, xh);
       for (int64_t l = L - 1; l > 0; --l) {  // back through the start weights
         const int di = static_cast<int>(dims[l]), dout = static_cast<int>(dims[l + 1]);
         for (int i = 0; i < di; ++i) {

@@ -36,16 +36,8 @@ std::vector<at::Tensor> ttt_linear_step(const at::Tensor& q, const at::Tensor& k
   check_float_cpu(kOp, "b", b, 3, {N, H, K}, "N, H, K");
   check_float_cpu(kOp, "sum_W", sum_W, 4, {N, H, K, K}, "N, H, K, K");
   check_float_cpu(kOp, "sum_b", sum_b, 3, {N, H, K}, "N, H, K");
-  TORCH_CHECK_TYPE(position.scalar_type() == at::kLong, kOp, ": position: expected int64, got ",
-                   position.scalar_type());
-  TORCH_CHECK_VALUE(position.dim() == 1 && position.size(0) == N, kOp, ": position: expected shape [N] = [", N,
-                    "], got ", position.sizes());
-  const at::Tensor pos = position.contiguous();
+  const at::Tensor pos = check_position(kOp, position, N, C);
   const int64_t* pp = pos.data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK_VALUE(pp[n] >= 0 && pp[n] < C, kOp, ": position: expected values in [0, C = ", C, "), got ", pp[n],
-                      " at sequence ", n);
-  }
   // fp32 contiguous copies (none when already so): the shared arithmetic reads raw fp32 rows
   const at::Tensor q32 = f32(q), k32 = f32(k), v32 = f32(v), e32 = f32(eta), g32 = f32(ln_weight);
   const at::Tensor be32 = f32(ln_bias), s32 = f32(scale), W32 = f32(W), b32 = f32(b), S32 = f32(sum_W);
@@ -73,21 +65,11 @@ std::vector<at::Tensor> ttt_linear_step(const at::Tensor& q, const at::Tensor& k
       const bool commit = p + 1 == C;
       const long long mat = nh * K * K, vec = nh * K;
       for (int j0 = 0; j0 < Ki; j0 += kTile) {
-        ttt_linear_z_columns<kTile>(kv, Wp + mat, use_bias ? bp + vec : nullptr, z, Ki, j0);
+        ttt_linear_z_columns<kTile>(kv, Wp + mat, use_bias ? bp + vec : nullptr, z, Ki, Ki, j0);
       }
-      if (use_ln) {
-        float mu, r, mean_gx, mean_gxx;
-        ttt_ln_stats(z, Ki, &mu, &r);
-        for (int j = 0; j < Ki; ++j) {
-          G[j] = ttt_ln_residual(z[j], use_residual ? vv[j] - kv[j] : vv[j], gamma[j], beta[j], mu, r, &xh[j]);
-        }
-        ttt_means(G, xh, Ki, &mean_gx, &mean_gxx);
-        for (int j = 0; j < Ki; ++j) G[j] = ttt_ln_grad(G[j], xh[j], r, mean_gx, mean_gxx);
-      } else {
-        for (int j = 0; j < Ki; ++j) G[j] = z[j] - (use_residual ? vv[j] - kv[j] : vv[j]);
-      }
+      ttt_loss_grad(z, vv, kv, gamma, beta, Ki, use_ln, use_residual, 1.0f, G, xh);
       for (int j0 = 0; j0 < Ki; j0 += kTile) {
-        ttt_linear_update_columns<kTile>(qv, kv, e, G, s, Wp + mat, Sp + mat, Wop + mat, Sop + mat, x, Ki, j0,
+        ttt_linear_update_columns<kTile>(qv, kv, e, G, s, Wp + mat, Sp + mat, Wop + mat, Sop + mat, x, Ki, Ki, j0,
                                          commit);
       }
       if (use_bias) {

@@ -1,6 +1,7 @@
-// The reconstruction loss's gradient at a fast weight's output, for the CUDA decode steps of TTT-Linear and Titans
-// (one block per (sequence, head)): with the LN wrapper d = scale * dLN(z)^T (gamma LN(z) + beta - t), without it
-// d = scale * (z - t), the target t = v - k with the residual, else v. The arithmetic is the CPU ops' (csrc/common).
+// The reconstruction loss's gradient at a fast weight's output, for the CUDA decode steps of TTT-Linear, TTT-MLP and
+// Titans (one block per (sequence, head)): with the LN wrapper d = scale * dLN(z)^T (gamma LN(z) + beta - t), without it
+// d = scale * (z - t), the target t = v - k with the residual, else v: the block's twin of the CPU ops'
+// `ttt_loss_grad` (csrc/common/ttt_linear_step.h), on the same per-element functions.
 #pragma once
 
 #include "common/ttt_linear_step.h"

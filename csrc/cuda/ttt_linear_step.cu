@@ -34,11 +34,11 @@ __global__ void __launch_bounds__(kThreads)
   const float *qv = q + nh * K, *kv = k + nh * K, *vv = v + nh * K, *gamma = ln_weight + h * K;
   const float* beta = ln_bias + h * K;
   float *Wm = W + nh * K * K, *Sm = sum_W + nh * K * K, *bv = b + nh * K, *sbv = sum_b + nh * K;
-  for (int j = tid; j < K; j += kThreads) ttt_linear_z_columns<1>(kv, Wm, use_bias ? bv : nullptr, z, K, j);
+  for (int j = tid; j < K; j += kThreads) ttt_linear_z_columns<1>(kv, Wm, use_bias ? bv : nullptr, z, K, K, j);
   __syncthreads();
   block_loss_grad<kThreads>(z, vv, kv, gamma, beta, K, use_ln, use_residual, 1.0f, G, xh);
   for (int j = tid; j < K; j += kThreads) {  // G[j] is this thread's own entry: no barrier needed
-    ttt_linear_update_columns<1>(qv, kv, e, G, s, Wm, Sm, Wm, Sm, x, K, j, commit);
+    ttt_linear_update_columns<1>(qv, kv, e, G, s, Wm, Sm, Wm, Sm, x, K, K, j, commit);
     if (use_bias) x[j] += ttt_linear_bias_feature(G[j], e, s, bv, sbv, bv, sbv, j, commit);
   }
   __syncthreads();

@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ipl_layers import _ext
 from ipl_layers._checks import check_positive_int, check_shape, check_tensor, sequence_spans
 from ipl_layers.backend import resolve_backend
 from ipl_layers.ops import ttt_mlp_chunk as chunk
@@ -216,7 +217,8 @@ def ttt_mlp(
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
         use_ln, use_residual: the inner model's LN and residual connection.
-        backend: "torch" (dual form layer by layer, the CPU path) or "reference". Default: `IPL_BACKEND`,
+        backend: "torch" (dual form layer by layer, the CPU path; one token per sequence without autograd runs
+            the fused C++ step of `ipl_layers._C` when it is built) or "reference". Default: `IPL_BACKEND`,
             else "torch" on CPU; CUDA tensors need an explicit backend until the Triton kernels exist.
 
     Returns:
@@ -236,6 +238,10 @@ def ttt_mlp(
     C = mini_batch_size
     gamma, beta, scale = inner_params(q, ln_weight, ln_bias, token_scale, C)
     init = _full_state(q, state, N, Fd)
+    if _ext.step_applies(q, init.W1, cu_seqlens, k, v, eta, gamma, beta, scale, *init[:8]):
+        # decoding: one token per sequence through the fused C++ step (fp32), on CPU without autograd
+        o, final = _ext.ttt_mlp_step(q[:, 0], k[:, 0], v[:, 0], eta[:, 0], gamma, beta, scale, init, **flags)
+        return o[:, None].to(v.dtype), (final if output_final_state else None)
     lengths = torch.diff(cu_seqlens.long()) if cu_seqlens is not None else init.position.new_full((N,), q.shape[1])
     ends = init.position + lengths.to(init.position.device)  # [N]: mini-batch positions covered
     # each sequence continues its open mini-batch: `position` empty rows in front align mini-batches to chunks

@@ -1,5 +1,5 @@
 """Layers decoding on CPU with a cache under no_grad (what `generate()` does) go through the fused C++ steps
-(short conv, delta rule, TTT-Linear) and match the same decode with the extension switched off."""
+(short conv, delta rule, TTT-Linear, TTT-MLP) and match the same decode with the extension switched off."""
 
 import copy
 
@@ -8,7 +8,7 @@ import torch
 from helpers import assert_rel_rms
 
 from ipl_layers import _ext
-from ipl_layers.layers import DeltaNet, TTTLinear
+from ipl_layers.layers import DeltaNet, TTTLinear, TTTMLP
 
 # fp32 steps against the fp32 torch path over T = 20 decoded tokens (a TTT mini-batch of 8 commits twice);
 # measured <= 5.1e-7.
@@ -25,7 +25,9 @@ def decode(layer, cache, xs):
     (lambda: DeltaNet(HIDDEN, HEADS, layer_idx=0), {"short_conv_step": 3 * T, "delta_rule_step": T}),
     (lambda: TTTLinear(HIDDEN, HEADS, mini_batch_size=8, use_short_conv=True, layer_idx=0),
      {"short_conv_step": 3 * T, "ttt_linear_step": T}),
-], ids=["DeltaNet", "TTTLinear"])
+    (lambda: TTTMLP(HIDDEN, HEADS, mini_batch_size=8, use_short_conv=True, layer_idx=0),
+     {"short_conv_step": 3 * T, "ttt_mlp_step": T}),
+], ids=["DeltaNet", "TTTLinear", "TTTMLP"])
 def test_layer_decode_uses_the_fused_steps_and_matches_eager(make, steps, monkeypatch):
     layer = make().eval()
     with torch.no_grad():
