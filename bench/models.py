@@ -1,5 +1,8 @@
 """CPU tokens/s of a hybrid IPL model against a same-size attention-only model, in one run:
-forward+backward at each `--T`, and greedy decoding after a prompt of `--decode-context` tokens.
+forward+backward at each `--T`, and greedy decoding after a prompt of `--decode-context` tokens: the hybrid with
+the fused C++ decode steps (the default on CPU) and with the ops' eager torch path, the attention model with its
+KV cache, and a transformers `Mamba2ForCausalLM` of the same width and depth (its CPU reference path: no
+mamba_ssm kernels on CPU).
 
     python bench/models.py                 # the issue's sizes: ~20M parameters, T = 2048 and 8192, decode at 8192
     python bench/models.py --T 256 --decode-context 256 --hidden 64 --layers 4 --vocab 256 --min-run-time 0.01 \\
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ helpers, as when run as a script
+from decode import eager  # noqa: E402
 from timing import decode_tokens_per_second, median_seconds  # noqa: E402
 
 from ipl_layers.models import IPLConfig, IPLForCausalLM  # noqa: E402
@@ -42,6 +46,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per forward+backward timing")
     p.add_argument("--decode-runs", type=int, default=5, help="timed decoding runs (median)")
+    p.add_argument("--decode-only", action="store_true", help="skip the forward+backward timings")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "models"), help="output path without suffix")
     return p.parse_args(argv)
 
@@ -59,6 +64,28 @@ def models(args):
     unit = args.hybrid.split(",")
     hybrid = (unit * -(-args.layers // len(unit)))[: args.layers]
     return {"hybrid": build(args, hybrid, [args.layers // 2]), "attention": build(args, ["attn"] * args.layers, [])}
+
+
+def mamba2(args):
+    """transformers' Mamba2 with the same width, depth and vocabulary: heads of 64 channels (expand 2), state 64."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Mamba2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                          num_heads=2 * args.hidden // 64, head_dim=64, state_size=64, n_groups=1, expand=2)
+    return Mamba2ForCausalLM(config).eval()
+
+
+def decode_rows(args, built):
+    """Greedy decoding tokens/s after `decode_context` tokens, per model (and the hybrid without the C++ steps)."""
+    rows = {name: decode_tokens_per_second(m, args.decode_context, args.vocab, args.decode_runs)
+            for name, m in built.items()}
+    with eager():
+        rows["hybrid (eager torch steps)"] = decode_tokens_per_second(built["hybrid"], args.decode_context, args.vocab,
+                                                                       args.decode_runs)
+    rows["mamba2 (transformers)"] = decode_tokens_per_second(mamba2(args), args.decode_context, args.vocab,
+                                                             args.decode_runs)
+    return rows
 
 
 def train_tokens_per_second(model, T, vocab, min_run_time):
@@ -82,6 +109,12 @@ def markdown(info, rows):
     for row in rows:
         h, a = row["hybrid"]["tokens_per_s"], row["attention"]["tokens_per_s"]
         lines.append(f"| {row['pass']} | {row['T']} | {h:,.0f} | {a:,.0f} | {h / a:.2f}x |")
+    decode = info["decode"]
+    lines += ["", f"Greedy decoding, batch 1, after {info['args']['decode_context']} tokens:", "",
+              "| model | tok/s | vs attention |", "|---|---|---|"]
+    for name, r in decode.items():
+        lines.append(f"| {name} | {r['tokens_per_s']:,.1f} | "
+                     f"{r['tokens_per_s'] / decode['attention']['tokens_per_s']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -91,13 +124,11 @@ def main(argv=None):
     built = models(args)
     load_before = os.getloadavg()
     rows = []
-    for T in args.T:
+    for T in [] if args.decode_only else args.T:
         rows.append({"pass": "fwd+bwd", "T": T, **{name: train_tokens_per_second(m, T, args.vocab, args.min_run_time)
                                                     for name, m in built.items()}})
-    rows.append({"pass": "decode", "T": args.decode_context,
-                 **{name: decode_tokens_per_second(m, args.decode_context, args.vocab, args.decode_runs)
-                    for name, m in built.items()}})
-    info = {"threads": torch.get_num_threads(), "load_before": [round(x, 2) for x in load_before],
+    decode = decode_rows(args, built)
+    info = {"decode": decode, "threads": torch.get_num_threads(), "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()], "hybrid": built["hybrid"].config.mixers,
             "params": {name: sum(p.numel() for p in m.parameters()) for name, m in built.items()},
             "args": vars(args)}

@@ -1,6 +1,7 @@
 """What one benchmark case costs: median wall time, peak tensor memory, the machine's matmul rate, a model's
 decoding rate."""
 
+import copy
 import os
 import statistics
 import sys
@@ -12,7 +13,6 @@ import torch
 import torch.utils.benchmark as benchmark
 from torch.profiler import ProfilerActivity, profile
 
-from ipl_layers.cache import FastWeightCache
 
 STABLE_IQR = 0.1  # stop timing once the interquartile range is within 10% of the median
 MAX_RUN_TIMES = 10  # give up on stability after this many times the minimum run time
@@ -86,14 +86,14 @@ def matmul_flops_per_second(n: int = 2048, min_run_time: float = 1.0) -> Tuple[f
 
 @torch.no_grad()
 def decode_tokens_per_second(model, context: int, vocab: int, runs: int, steps: int = DECODE_STEPS) -> dict:
-    """Prefill `context` tokens once (untimed), then time `steps` one-token steps from a copy of that state."""
+    """Prefill `context` tokens once (untimed), then time `steps` one-token steps from a copy of that state (the
+    model's own cache: a `FastWeightCache` for ours, a `transformers` cache for others)."""
     model.eval()
-    prefilled = FastWeightCache()
-    model(torch.randint(0, vocab, (1, context)), cache=prefilled, use_cache=True)
+    prefilled = model(torch.randint(0, vocab, (1, context)), use_cache=True).cache
     token = torch.randint(0, vocab, (1, 1))
     seconds = []
     for _ in range(runs):
-        cache = prefilled.snapshot()  # every run starts at the same context
+        cache = copy.deepcopy(prefilled)  # every run starts at the same context
         start = time.perf_counter()
         for _ in range(steps):
             token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
