@@ -1,12 +1,15 @@
 """`ipl-bench`: list the registered cases, time them against their peers, report, and model them on GPUs.
 
     ipl-bench list
-    ipl-bench run OP... [--T 1024 4096] [--fwd | --fwdbwd] [--no-peers] [--out PATH]   # bench/run.py's loop
+    ipl-bench run OP... [--T 1024 4096] [--fwd | --fwdbwd] [--no-peers | --vs PEER...] [--out PATH]
+                                                     # bench/run.py's loop
+    ipl-bench run OP... --decode [--out PATH]        # one-token decode steps, fused C++ vs eager (bench/decode.py)
     ipl-bench report [PATH]                          # the latest results under bench/results/ as a table
     ipl-bench model OP... [--T 4096] [--B 8] [--H 16] [--D 64]   # modeled GPU cost: IO counts + roofline
     ipl-bench launches [LAYER...] [--T 128 256]      # kernel launches per layer forward and backward
 
-`run` writes <out>.md and .json (bench/run.py) plus <out>.csv and <out>.png (time vs T, ours vs peers).
+`run` writes <out>.md and .json (bench/run.py) plus <out>.csv and <out>.png (time vs T, ours vs peers); with
+`--decode`, <out>.md, .json and .csv of bench/decode.py's op and layer cases whose names contain an OP.
 `model` and `launches` write bench/results/model.md, launches.md and their .json.
 Runs from a source checkout: bench/ is not installed (ipl_layers/bench_cli.py says why).
 """
@@ -38,11 +41,30 @@ def cmd_list(args):
     return 0
 
 
+def cmd_decode(args, extra):
+    import decode
+
+    if args.T:
+        raise SystemExit("ipl-bench run --decode: decode steps take one token; --T does not apply")
+    out = Path(args.out) if args.out else RESULTS / "run_decode"
+    decode.main(["--only", *args.ops, "--out", str(out)] + extra)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]) if rows else ["case"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}.md, .json, .csv", file=sys.stderr)
+    return 0
+
+
 def cmd_run(args, extra):
+    if args.decode:
+        return cmd_decode(args, extra)
     out = Path(args.out) if args.out else RESULTS / "run"
     passes = ["fwd"] if args.fwd else ["fwd+bwd"] if args.fwdbwd else list(bench_run.PASSES)
     argv = ["--ops", *args.ops, "--out", str(out), "--passes", *passes] + extra
     argv += (["--T", *map(str, args.T)] if args.T else []) + (["--no-peers"] if args.no_peers else [])
+    argv += ["--vs", *args.vs] if args.vs else []
     code = bench_run.main(argv)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     write_csv(rows, out.with_suffix(".csv"))
@@ -136,7 +158,10 @@ def parse_args(argv):
     which = r.add_mutually_exclusive_group()
     which.add_argument("--fwd", action="store_true", help="forward only")
     which.add_argument("--fwdbwd", action="store_true", help="forward+backward only")
-    r.add_argument("--no-peers", action="store_true")
+    which.add_argument("--decode", action="store_true", help="one-token decode steps (bench/decode.py's cases)")
+    peers = r.add_mutually_exclusive_group()
+    peers.add_argument("--no-peers", action="store_true")
+    peers.add_argument("--vs", nargs="+", default=None, metavar="PEER", help="only the peers whose label contains one")
     r.add_argument("--out", default=None, help="path without suffix (default bench/results/run)")
     rep = sub.add_parser("report", help="a results JSON as a table (default: the latest under bench/results/)")
     rep.add_argument("path", nargs="?", default=None)

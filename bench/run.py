@@ -31,6 +31,8 @@ def parse_args(argv):
     p.add_argument("--T", type=int, nargs="+", default=None, help="sequence lengths (default 1024 4096)")
     p.add_argument("--ops", nargs="+", default=None, help="case names or op names (default: all)")
     p.add_argument("--no-peers", action="store_true", help="time only our implementations")
+    p.add_argument("--vs", nargs="+", default=None, metavar="PEER",
+                   help="time only the peers whose label contains one of these (case-insensitive)")
     p.add_argument("--out", default=None, help="output path without suffix (default bench/results/<demo|cpu>)")
     p.add_argument("--backend", default="torch", help="backend= of our ops (default torch)")
     p.add_argument("--B", type=int, default=1)
@@ -47,12 +49,17 @@ def parse_args(argv):
     return args
 
 
+def wanted(label: str, vs) -> bool:
+    """Whether a peer is among those `--vs` names (all peers without `--vs`)."""
+    return vs is None or any(v.lower() in label.lower() for v in vs)
+
+
 def load_impls(case, args):
     """(impl, fn or None, status) per implementation, ours first; a peer that fails to import is
     "not installed", ours failing to import is an error that stops the run."""
     loaded = []
     for impl in case.impls:
-        if args.no_peers and impl.role != OURS:
+        if impl.role != OURS and (args.no_peers or not wanted(impl.label, args.vs)):
             continue
         try:
             fn, status = impl.load(args.backend, case.chunk or args.chunk), "ok"

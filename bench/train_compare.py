@@ -66,7 +66,7 @@ PRESETS = {
         "points": [512, 2048, 8192], "decode_context": None,
         # each model trained again from scratch on MQAR (Zoology's setting: vocab 8192, 8-64 pairs at length 256),
         # scored at length 1024 with 64 and 256 pairs
-        "mqar": dict(steps=1000, seq_len=256, batch_size=16, lr=3e-3, train_kv_pairs=(8, 16, 32, 64),
+        "mqar": dict(steps=600, seq_len=256, batch_size=16, lr=3e-3, train_kv_pairs=(8, 16, 32, 64),
                      eval_seq_len=1024, eval_kv_pairs=(64, 256), vocab_size=8192),
     },
 }

@@ -40,3 +40,20 @@ def test_model_prints_a_modeled_table(tmp_path):
     assert "modeled" in text and "| linear_attention:plain | bwd |" in text
     rows = json.loads((tmp_path / "m.json").read_text())["rows"]
     assert all(0 < r["io_efficiency"] <= 1 for r in rows)
+
+
+def test_run_vs_keeps_only_the_named_peers(tmp_path):
+    out = tmp_path / "vs"
+    ipl_bench("run", "linear_attention:plain", "--T", "32", "--fwd", "--H", "1", "--D", "16", "--chunk", "16",
+              "--min-run-time", "0.01", "--threads", "1", "--vs", "sdpa", "--out", str(out))
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {r["impl"] for r in rows if r["role"] != "ours"} == {"torch SDPA causal"}
+
+
+def test_run_decode_writes_the_decode_cases(tmp_path):
+    out = tmp_path / "decode"
+    ipl_bench("run", "delta_rule", "--decode", "--batch", "1", "--K", "8", "--min-run-time", "0.01", "--out", str(out))
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert rows and all("delta" in r["case"].lower() for r in rows)
+    with open(out.with_suffix(".csv")) as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
