@@ -120,7 +120,6 @@ def cmd_report(args):
 
 
 def cmd_model(args):
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     from iomodel.report import model_table
 
     shape = Shape(B=args.B, T=args.T, H=args.H, K=args.D, V=args.D, chunk=args.chunk)
@@ -129,7 +128,6 @@ def cmd_model(args):
 
 
 def cmd_launches(args):
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     from iomodel.launches import LAYERS
     from iomodel.report import launches_table
 
@@ -182,8 +180,17 @@ def parse_args(argv):
     return p.parse_known_args(argv)
 
 
+INTERPRETED = ("model", "launches")  # the commands that run our Triton kernels in the interpreter
+
+
 def main(argv=None):
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command in INTERPRETED and os.environ.get("TRITON_INTERPRET") != "1":
+        if argv is not None:
+            raise SystemExit(f"ipl-bench {args.command}: set TRITON_INTERPRET=1 before Python starts")
+        # triton fixes interpreted-or-compiled when each function is decorated, and triton is already imported
+        # (through torch) before this runs: start the same command again with the interpreter on from the start
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "TRITON_INTERPRET": "1"})
     if args.command == "run":
         return cmd_run(args, extra)
     if extra:

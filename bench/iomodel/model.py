@@ -24,8 +24,9 @@ from registry import Shape
 
 PASSES = ("fwd", "bwd")
 # [NT, H, K, V] state tensors in the input dtype that the chunked algorithm writes once and reads once, per pass:
-# the forward's chunk-start states; the backward's recomputed states and the state gradients
-PASSED_STATES = {"linear_attention": {"fwd": 1, "bwd": 2}}
+# the forward's chunk-start states (for TTT-Linear the weights at each mini-batch start, the chunk being the
+# mini-batch); the backward's recomputed (or saved) states and the state gradients
+PASSED_STATES = {op: {"fwd": 1, "bwd": 2} for op in ("linear_attention", "delta_rule", "ttt_linear")}
 
 
 @dataclass(frozen=True)
