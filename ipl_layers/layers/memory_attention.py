@@ -27,8 +27,11 @@ The memories, each per head on the same q, k, v:
   correction) learning v from k by mini-batch GD with per-token learning rate eta = base_lr / D * beta;
   learnable start weights W0, b0 and LN gamma/beta.
 - "titans": the Titans MLP memory (depth `memory_depth`, hidden 4 D, no residual) with step size
-  theta = base_lr * beta, momentum eta = sigmoid(.) and forgetting alpha = sigmoid(.) (one projection of x,
-  bias 0 and -5 as in `TitansMemory`); learnable start weights.
+  theta = base_lr * beta / mini_batch_size, momentum eta = sigmoid(.) and forgetting alpha = sigmoid(.) (one
+  projection of x, bias 0 and -5 as in `TitansMemory`); learnable start weights. The chunked form takes all C
+  gradients of a chunk at its start weights, so on similar keys their steps add up C-fold: per-token steps of
+  base_lr * beta made the memory diverge to NaN in the first forward on the stdlib corpus (C = 16, 257 tokens);
+  divided by C, a chunk moves the memory by base_lr * beta times its mean gradient.
 For the last two q, k are L2-normalised in the layer, and `mini_batch_size` is the op's mini-batch / chunk.
 
 So the memory at step t holds exactly tokens 0 .. t-W. It runs as the existing chunked ops over the key/value
@@ -129,7 +132,7 @@ class MemoryAttention(_LinearAttentionLayer):
         mini_batch_size: tokens whose gradients share the start weights ("ttt_linear"'s mini-batch, "titans"'
             chunk).
         base_lr: scales the write strength into the learning rate ("ttt_linear": eta = base_lr / D * beta,
-            default 1; "titans": theta = base_lr * beta, default 0.1).
+            default 1; "titans": theta = base_lr * beta / mini_batch_size, default 0.1).
         memory_depth: the Titans memory MLP's depth L ("titans"; 1 is a linear map).
         num_sink_tokens: S >= 0 attention sinks per sequence (needs window_size >= 1); never written into the
             memory.
@@ -256,7 +259,8 @@ class MemoryAttention(_LinearAttentionLayer):
         if initial_state is None:
             kw["initial_state"] = tuple(w.expand(N, *w.shape) for w in self.memory_weights)
         eta, alpha = (gates[..., i, :].to(q.dtype) for i in (1, 2))  # [B, T, H] each
-        return titans_memory(q, k, v, beta, eta, alpha, chunk_size=self.mini_batch_size, use_residual=False, **kw)
+        theta = beta / self.mini_batch_size  # a chunk's C steps add up on similar keys (module docstring)
+        return titans_memory(q, k, v, theta, eta, alpha, chunk_size=self.mini_batch_size, use_residual=False, **kw)
 
     def forward(
         self,

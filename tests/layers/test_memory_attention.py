@@ -87,8 +87,9 @@ def memory_reference(layer, x, q, k, v, shift):
                                     use_residual=False)[0]
     eta, alpha = shift(torch.sigmoid(layer.eta_alpha_proj(x))).unflatten(-1, (2, HEADS)).unbind(-2)
     start = tuple(w.expand(N, *w.shape) for w in layer.memory_weights)
-    return titans_memory_reference(q, k, shift(v), layer.base_lr * beta, eta, alpha, chunk_size=MINI_BATCH,
-                                   initial_state=start, use_residual=False)[0]
+    theta = layer.base_lr * beta / MINI_BATCH
+    return titans_memory_reference(q, k, shift(v), theta, eta, alpha, chunk_size=MINI_BATCH, initial_state=start,
+                                   use_residual=False)[0]
 
 
 def hand_composition(layer, x):
@@ -263,3 +264,15 @@ def test_flash_attn_path_equals_sdpa_path(monkeypatch, window):
         for g, g_ref in zip(grads, grads_ref):
             assert_rel_rms("grad", g, g_ref, FP64_BOUND)
     assert [call[0] for call in stub.calls] == ["func", "varlen", "varlen"]
+
+
+def test_titans_memory_stays_finite_on_repeated_keys():
+    """One key over and over (plus noise) at the default gates: every step of a chunk pushes the memory the same way,
+    the case where per-token steps adding up C-fold made it diverge (measured: NaN with theta = base_lr * beta)."""
+    torch.manual_seed(0)
+    layer = MemoryAttention(128, 4, window_size=16, memory="titans", layer_idx=0)
+    with torch.no_grad():
+        layer.b_proj.weight.zero_()  # beta = 1/2 on every token
+    x = torch.randn(1, 1, 128) * 3 + 0.1 * torch.randn(2, 512, 128)
+    _, _, cache = layer(x, use_cache=True)
+    assert all(torch.isfinite(w).all() for w in cache[0]["recurrent_state"])
