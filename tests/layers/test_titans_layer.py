@@ -58,7 +58,7 @@ def test_layer_matches_formula():
     q, k, v = (c(p(x))[0].unflatten(-1, (H, K)) for c, p in zip(conv, (layer.q_proj, layer.k_proj, layer.v_proj)))
     theta, eta, alpha = torch.sigmoid(layer.gate_proj(x)).unflatten(-1, (3, H)).unbind(2)
     weights = tuple(w.expand(2, *w.shape) for w in layer.memory_weights)
-    o, _ = titans_memory_reference(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, 0.5 * theta, eta, alpha,
+    o, _ = titans_memory_reference(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, 0.5 / 4 * theta, eta, alpha,
                                    chunk_size=4, initial_state=weights, use_residual=True)
     gate = layer.g_proj(x).unflatten(-1, (H, K))
     o = F.rms_norm(o, (K,), layer.o_norm.weight, eps=1e-5) * F.silu(gate)
@@ -72,3 +72,16 @@ def test_bad_arguments_raise_clear_errors():
         TitansMemory(HIDDEN, num_heads=2, chunk_size=0)
     with pytest.raises(ValueError, match=r"TitansMemory: base_lr: expected > 0, got 0"):
         TitansMemory(HIDDEN, num_heads=2, base_lr=0)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_memory_stays_finite_on_a_repeated_key(chunk_size):
+    """One key over and over (plus noise) at the default step: every gradient of a chunk, all taken at its start
+    weights, pushes the memory the same way (measured: NaN with per-token steps not divided by the chunk size)."""
+    torch.manual_seed(0)
+    layer = TitansMemory(128, num_heads=4, chunk_size=chunk_size, layer_idx=0)
+    with torch.no_grad():
+        layer.gate_proj.weight.zero_()  # the gates at their starting values on every token
+    x = torch.randn(1, 1, 128) * 3 + 0.1 * torch.randn(2, 512, 128)
+    _, _, cache = layer(x, use_cache=True)
+    assert all(torch.isfinite(w).all() for w in cache[0]["recurrent_state"])
