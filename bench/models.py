@@ -83,8 +83,10 @@ def decode_rows(args, built):
     with eager():
         rows["hybrid (eager torch steps)"] = decode_tokens_per_second(built["hybrid"], args.decode_context, args.vocab,
                                                                        args.decode_runs)
-    rows["mamba2 (transformers)"] = decode_tokens_per_second(mamba2(args), args.decode_context, args.vocab,
-                                                             args.decode_runs)
+    peer = mamba2(args)
+    rows["mamba2 (transformers)"] = {**decode_tokens_per_second(peer, args.decode_context, args.vocab,
+                                                                args.decode_runs),
+                                     "params": sum(p.numel() for p in peer.parameters())}
     return rows
 
 
@@ -104,8 +106,9 @@ def markdown(info, rows):
     lines = [f"# Hybrid vs attention, CPU ({info['threads']} threads, load before {info['load_before']}, "
              f"after {info['load_after']})", "",
              f"hybrid: {info['hybrid']} ({info['params']['hybrid'] / 1e6:.1f}M parameters); attention: "
-             f"{info['params']['attention'] / 1e6:.1f}M parameters", "",
-             "| pass | T | hybrid tok/s | attention tok/s | hybrid / attention |", "|---|---|---|---|---|"]
+             f"{info['params']['attention'] / 1e6:.1f}M parameters", ""]
+    if rows:
+        lines += ["| pass | T | hybrid tok/s | attention tok/s | hybrid / attention |", "|---|---|---|---|---|"]
     for row in rows:
         h, a = row["hybrid"]["tokens_per_s"], row["attention"]["tokens_per_s"]
         lines.append(f"| {row['pass']} | {row['T']} | {h:,.0f} | {a:,.0f} | {h / a:.2f}x |")
@@ -113,6 +116,7 @@ def markdown(info, rows):
     lines += ["", f"Greedy decoding, batch 1, after {info['args']['decode_context']} tokens:", "",
               "| model | tok/s | vs attention |", "|---|---|---|"]
     for name, r in decode.items():
+        name = f"{name}, {r['params'] / 1e6:.1f}M parameters" if "params" in r else name
         lines.append(f"| {name} | {r['tokens_per_s']:,.1f} | "
                      f"{r['tokens_per_s'] / decode['attention']['tokens_per_s']:.2f}x |")
     return "\n".join(lines) + "\n"
