@@ -37,6 +37,17 @@ def test_every_registered_mixer_is_covered():
                            "titans", "lact", "mamba2", "memory_attention"}
 
 
+def prefill_then_decode(model, x, prompt):
+    """The logits [B, T, V] of a prefill of `prompt` tokens then one token at a time, and the final cache."""
+    out = model(x[:, :prompt], use_cache=True)
+    steps, cache = [out.logits], out.cache
+    for t in range(prompt, x.shape[1]):
+        out = model(x[:, t : t + 1], cache=cache, use_cache=True)
+        steps.append(out.logits)
+        cache = out.cache
+    return torch.cat(steps, 1), cache
+
+
 @pytest.mark.parametrize("mixer", sorted(MIXERS))
 @torch.no_grad()
 def test_prefill_decode_equals_full_forward(mixer):
@@ -44,14 +55,9 @@ def test_prefill_decode_equals_full_forward(mixer):
     model = tiny([mixer, "swa"])
     x = torch.randint(0, VOCAB, (2, 13))
     full = model(x, use_cache=False).logits  # [B, T, V]
-    out = model(x[:, :7], use_cache=True)
-    steps, cache = [out.logits], out.cache
-    for t in range(7, 13):
-        out = model(x[:, t : t + 1], cache=cache, use_cache=True)
-        steps.append(out.logits)
-        cache = out.cache
+    logits, cache = prefill_then_decode(model, x, 7)
     assert isinstance(cache, FastWeightCache) and cache.get_seq_length() == 13
-    assert rel(torch.cat(steps, 1), full) < TOL
+    assert rel(logits, full) < TOL
 
 
 @pytest.mark.parametrize("memory", ["ttt_linear", "titans"])
@@ -65,13 +71,7 @@ def test_memory_attention_options_through_mixer_kwargs(memory):
     assert (layer.memory, layer.num_sink_tokens, layer.adapter_rank, layer.window_size) == (memory, 2, 2, 5)
     x = torch.randint(0, VOCAB, (2, 13))
     full = model(x, use_cache=False).logits
-    out = model(x[:, :7], use_cache=True)
-    steps, cache = [out.logits], out.cache
-    for t in range(7, 13):
-        out = model(x[:, t : t + 1], cache=cache, use_cache=True)
-        steps.append(out.logits)
-        cache = out.cache
-    assert rel(torch.cat(steps, 1), full) < TOL
+    assert rel(prefill_then_decode(model, x, 7)[0], full) < TOL
     cu = torch.tensor([0, 13, 26], dtype=torch.int32)
     assert rel(model(x.reshape(1, 26), cu_seqlens=cu, use_cache=False).logits[0], full.flatten(0, 1)) < TOL
 
