@@ -35,6 +35,14 @@ IPL_HOST_DEVICE void ttt_ln_stats(const float* y, int K, float* mean, float* rst
   *rstd = 1.0f / sqrtf(var / K + kTTTLnEps);
 }
 
+// Phase 4, feature j: the read-out of y [V] through the wrapper, LN(y)_j (+ q_j), with mu, r the statistics of y
+// from `ttt_ln_stats` (unused without LN). Shared by the TTT-Linear, TTT-MLP and Titans steps.
+IPL_HOST_DEVICE float ttt_readout_feature(const float* y, const float* q, const float* gamma, const float* beta,
+                                          float mu, float r, int j, bool use_ln, bool use_residual) {
+  const float z = use_ln ? (y[j] - mu) * r * gamma[j] + beta[j] : y[j];
+  return use_residual ? z + q[j] : z;
+}
+
 // Phase 1: z[j] = sum_i k[i] W[i, j] (+ b[j]) for the columns [j0, j0 + TW) ∩ [0, d_out). W: [d_in, d_out]
 // row-major (TTT-Linear: d_in = d_out = K; TTT-MLP's layers: K -> F and F -> K); b may be nullptr (no bias).
 template <int TW>

@@ -126,8 +126,7 @@ std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, co
       float mu = 0.0f, r = 1.0f;
       if (use_ln) ttt_ln_stats(h, Vi, &mu, &r);
       for (int j = 0; j < Vi; ++j) {
-        const float y = use_ln ? (h[j] - mu) * r * gamma[j] + beta[j] : h[j];
-        op[nh * V + j] = use_residual ? y + qv[j] : y;
+        op[nh * V + j] = ttt_readout_feature(h, qv, gamma, beta, mu, r, j, use_ln, use_residual);
       }
     }
   });

@@ -80,8 +80,7 @@ std::vector<at::Tensor> ttt_linear_step(const at::Tensor& q, const at::Tensor& k
       float mu = 0.0f, r = 1.0f;
       if (use_ln) ttt_ln_stats(x, Ki, &mu, &r);
       for (int j = 0; j < Ki; ++j) {
-        const float y = use_ln ? (x[j] - mu) * r * gamma[j] + beta[j] : x[j];
-        op[vec + j] = use_residual ? y + qv[j] : y;
+        op[vec + j] = ttt_readout_feature(x, qv, gamma, beta, mu, r, j, use_ln, use_residual);
       }
     }
   });

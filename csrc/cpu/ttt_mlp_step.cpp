@@ -97,8 +97,7 @@ std::vector<at::Tensor> ttt_mlp_step(const at::Tensor& q, const at::Tensor& k, c
       float mu = 0.0f, r = 1.0f;
       if (use_ln) ttt_ln_stats(x2, Ki, &mu, &r);
       for (int j = 0; j < Ki; ++j) {
-        const float y = use_ln ? (x2[j] - mu) * r * gamma[j] + beta[j] : x2[j];
-        op[nh * K + j] = use_residual ? y + qv[j] : y;
+        op[nh * K + j] = ttt_readout_feature(x2, qv, gamma, beta, mu, r, j, use_ln, use_residual);
       }
     }
   });

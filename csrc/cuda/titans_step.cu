@@ -93,8 +93,7 @@ __global__ void __launch_bounds__(kThreads)
   float mu = 0.0f, r = 1.0f;
   if (use_ln) ttt_ln_stats(hq, V, &mu, &r);
   for (int j = tid; j < V; j += kThreads) {
-    const float y = use_ln ? (hq[j] - mu) * r * gamma[j] + beta[j] : hq[j];
-    o[nh * V + j] = use_residual ? y + qv[j] : y;
+    o[nh * V + j] = ttt_readout_feature(hq, qv, gamma, beta, mu, r, j, use_ln, use_residual);
   }
 }
 

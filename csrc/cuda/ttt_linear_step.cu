@@ -45,8 +45,7 @@ __global__ void __launch_bounds__(kThreads)
   float mu = 0.0f, r = 1.0f;
   if (use_ln) ttt_ln_stats(x, K, &mu, &r);
   for (int j = tid; j < K; j += kThreads) {
-    const float y = use_ln ? (x[j] - mu) * r * gamma[j] + beta[j] : x[j];
-    o[nh * K + j] = use_residual ? y + qv[j] : y;
+    o[nh * K + j] = ttt_readout_feature(x, qv, gamma, beta, mu, r, j, use_ln, use_residual);
   }
 }
 
