@@ -131,16 +131,18 @@ def ttt_mlp_step(q, k, v, eta, ln_weight, ln_bias, scale, state, use_ln=True, us
     return outs[0], TTTMLPState(*outs[1:])
 
 
-def titans_step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, state, C, use_ln=True, use_residual=True):
+def titans_step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, state, C, use_ln=True, use_residual=True,
+                normalize_step=False):
     """One Titans-memory decoding step on CPU (csrc/common/titans_step.h).
 
     q, k [N, H, K]; v [N, H, V]; theta, eta, alpha [N, H]; ln_weight, ln_bias [H, V]; state (start, momentum,
-    weights, position): three lists of L matrices [N, H, d_l, d_{l+1}] and position [N] int64 in [0, C).
+    weights, position): three lists of L matrices [N, H, d_l, d_{l+1}] and position [N] int64 in [0, C);
+    normalize_step: theta scaled by 1 / (1 + 2 rho) (`titans_memory`).
     Returns (o [N, H, V] fp32, the next (start, momentum, weights, position), fp32); the state is left unchanged.
     """
     start, momentum, weights, position = state
     outs = _require().titans_step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, list(start), list(momentum),
-                                  list(weights), position, C, use_ln, use_residual)
+                                  list(weights), position, C, use_ln, use_residual, normalize_step)
     L = len(start)
     return outs[0], (outs[1:1 + L], outs[1 + L:1 + 2 * L], outs[1 + 2 * L:1 + 3 * L], outs[-1])
 

@@ -7,6 +7,7 @@
 //     keys through G:   x_0 = k,  z_l = x_l G_l,  x_{l+1} = gelu(z_l)
 //     loss gradients:   d_{L-1} = d/dz ||LN(z_{L-1}) - t||^2 (2 (z - t) without LN),
 //                       d_{l-1} = (d_l G_l^T) * gelu'(z_{l-1})
+//     normalize_step:   theta /= 1 + 2 sum_l |x_l|^2 |d_l|^2 / |d_{L-1}|^2  (titans_step_scale)
 //     update:           S_l = eta S_l - theta x_l^T d_l,   M_l = (1 - alpha) M_l + S_l
 //     query through M:  h_0 = q,  h_{l+1} = a_l M_l with a_0 = h_0, a_l = gelu(h_l);  o = LN(h_L) (+ q)
 //
@@ -15,6 +16,7 @@
 // (common/ttt_linear_step.h; Titans' loss is the squared error, twice TTT's halved one).
 #pragma once
 
+#include <float.h>
 #include <math.h>
 
 #include "common/host_device.h"
@@ -51,6 +53,24 @@ IPL_HOST_DEVICE float titans_backprop_row(const float* d, const float* G, float 
   float acc = 0.0f;
   for (int j = 0; j < d_out; ++j) acc += d[j] * row[j];
   return acc * gelu_exact_grad(z_prev);
+}
+
+// 1 / (1 + 2 rho), rho = sum_l |x_l|^2 |d_l|^2 / |d_{L-1}|^2: the factor `normalize_step` scales theta by (the
+// curvature of the token's loss along its error; ipl_layers/ops/titans_memory.py). xs holds x_0 .. x_{L-1} and ds
+// d_0 .. d_{L-1} back to back, layer l mapping dims[l] -> dims[l + 1]; rho is 0 where d_{L-1} is.
+template <typename Int>
+IPL_HOST_DEVICE float titans_step_scale(const float* xs, const float* ds, const Int* dims, int L) {
+  float rho = 0.0f, last = 0.0f;
+  for (int l = 0; l < L; ++l) {
+    float xx = 0.0f, dd = 0.0f;
+    for (Int i = 0; i < dims[l]; ++i) xx += xs[i] * xs[i];
+    for (Int j = 0; j < dims[l + 1]; ++j) dd += ds[j] * ds[j];
+    rho += xx * dd;
+    last = dd;
+    xs += dims[l];
+    ds += dims[l + 1];
+  }
+  return 1.0f / (1.0f + 2.0f * rho / fmaxf(last, FLT_MIN));
 }
 
 // The update of one layer for the columns [j0, j0 + TW) ∩ [0, d_out): S = eta S - theta x^T d,

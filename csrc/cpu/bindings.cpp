@@ -32,7 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One Titans-memory decoding step: [o [N, H, V] fp32, start..., momentum..., weights... (fp32), position]",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("theta"), py::arg("eta"), py::arg("alpha"),
         py::arg("ln_weight"), py::arg("ln_bias"), py::arg("start"), py::arg("momentum"), py::arg("weights"),
-        py::arg("position"), py::arg("C"), py::arg("use_ln"), py::arg("use_residual"),
+        py::arg("position"), py::arg("C"), py::arg("use_ln"), py::arg("use_residual"), py::arg("normalize_step"),
         py::call_guard<py::gil_scoped_release>());
   m.def("topk_rows", &ipl::topk_rows, "Top-k of each row, sorted descending: (values [R, k], indices [R, k])",
         py::arg("x"), py::arg("k"), py::call_guard<py::gil_scoped_release>());

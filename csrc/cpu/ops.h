@@ -55,7 +55,8 @@ std::vector<at::Tensor> ttt_mlp_step(const at::Tensor& q, const at::Tensor& k, c
 
 // One decoding step of the Titans memory (an MLP of depth L); see csrc/common/titans_step.h for the math.
 // q, k [N, H, K]; v [N, H, V]; theta, eta, alpha [N, H]; ln_weight, ln_bias [H, V]; start, momentum, weights:
-// L matrices [N, H, d_l, d_{l+1}] each (d_0 = K, d_L = V); position [N] int64 in [0, C).
+// L matrices [N, H, d_l, d_{l+1}] each (d_0 = K, d_L = V); position [N] int64 in [0, C); normalize_step scales
+// theta by titans_step_scale.
 // Returns {o [N, H, V] fp32, start'..., momentum'..., weights'... (fp32), position' = (position + 1) % C}; no
 // input is modified.
 std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -63,7 +64,7 @@ std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, co
                                     const at::Tensor& ln_weight, const at::Tensor& ln_bias,
                                     const std::vector<at::Tensor>& start, const std::vector<at::Tensor>& momentum,
                                     const std::vector<at::Tensor>& weights, const at::Tensor& position, int64_t C,
-                                    bool use_ln, bool use_residual);
+                                    bool use_ln, bool use_residual, bool normalize_step);
 
 // The weighted embedding bag (csrc/common/embedding_bag.h): indices [M, n] int64, weights [M, n], values [N, D].
 // Returns out [M, D] fp32.

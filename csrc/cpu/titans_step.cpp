@@ -23,7 +23,7 @@ std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, co
                                     const at::Tensor& ln_weight, const at::Tensor& ln_bias,
                                     const std::vector<at::Tensor>& start, const std::vector<at::Tensor>& momentum,
                                     const std::vector<at::Tensor>& weights, const at::Tensor& position, int64_t C,
-                                    bool use_ln, bool use_residual) {
+                                    bool use_ln, bool use_residual, bool normalize_step) {
   check_float_cpu(kOp, "q", q, 3, {}, "N, H, K");
   const int64_t N = q.size(0), H = q.size(1), K = q.size(2);
   check_float_cpu(kOp, "k", k, 3, {N, H, K}, "N, H, K");
@@ -109,10 +109,12 @@ std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, co
           ds[z_off[l - 1] + i] = titans_backprop_row(ds + z_off[l], mat(G_in, l), zs[z_off[l - 1] + i], dout, i);
         }
       }
+      const float theta = normalize_step ? thp[nh] * titans_step_scale(xs, ds, dims.data(), static_cast<int>(L))
+                                         : thp[nh];
       for (int64_t l = 0; l < L; ++l) {
         const int di = static_cast<int>(dims[l]), dout = static_cast<int>(dims[l + 1]);
         for (int j0 = 0; j0 < dout; j0 += kTile) {
-          titans_update_columns<kTile>(xs + x_off[l], ds + z_off[l], thp[nh], etp[nh], alp[nh], mat(G_in, l),
+          titans_update_columns<kTile>(xs + x_off[l], ds + z_off[l], theta, etp[nh], alp[nh], mat(G_in, l),
                                        mat(S_in, l), mat(M_in, l), mat(G_out, l), mat(S_out, l), mat(M_out, l), di,
                                        dout, j0, full);
         }

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads)
                        const float* __restrict__ theta, const float* __restrict__ eta,
                        const float* __restrict__ alpha, const float* __restrict__ ln_weight,
                        const float* __restrict__ ln_bias, const long long* __restrict__ position, TitansLayers net,
-                       float* __restrict__ o, int H, int C, bool use_ln, bool use_residual) {
+                       float* __restrict__ o, int H, int C, bool use_ln, bool use_residual, bool normalize_step) {
   extern __shared__ float smem[];
   const long long nh = blockIdx.x;
   const int h = static_cast<int>(nh % H), tid = threadIdx.x, L = net.depth, K = net.dims[0], V = net.dims[L];
@@ -70,11 +70,13 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
+  // every thread computes the same scale from shared memory (a few hundred flops: no reduction, no barrier)
+  const float th = normalize_step ? theta[nh] * titans_step_scale(xs, ds, net.dims, L) : theta[nh];
   for (int l = 0; l < L; ++l) {  // in place: every backward read of the start weights is done
     const int di = net.dims[l], dout = net.dims[l + 1];
     float *G = mat(net.start, l), *S = mat(net.momentum, l), *M = mat(net.weights, l);
     for (int j = tid; j < dout; j += kThreads) {
-      titans_update_columns<1>(xs + x_off[l], ds + z_off[l], theta[nh], eta[nh], alpha[nh], G, S, M, G, S, M, di,
+      titans_update_columns<1>(xs + x_off[l], ds + z_off[l], th, eta[nh], alpha[nh], G, S, M, G, S, M, di,
                                dout, j, full);
     }
   }
@@ -110,12 +112,12 @@ inline size_t titans_smem_floats(const TitansLayers& net) {
 cudaError_t launch_titans_step(const float* q, const float* k, const float* v, const float* theta, const float* eta,
                                const float* alpha, const float* ln_weight, const float* ln_bias,
                                const long long* position, const TitansLayers& net, float* o, int N, int H, int C,
-                               bool use_ln, bool use_residual, cudaStream_t stream) {
+                               bool use_ln, bool use_residual, bool normalize_step, cudaStream_t stream) {
   if (net.depth < 1 || net.depth > kMaxDepth) return cudaErrorInvalidValue;
   if (N * H == 0) return cudaSuccess;
   const size_t smem = titans_smem_floats(net) * sizeof(float);
   titans_step_kernel<<<N * H, kThreads, smem, stream>>>(q, k, v, theta, eta, alpha, ln_weight, ln_bias, position,
-                                                        net, o, H, C, use_ln, use_residual);
+                                                        net, o, H, C, use_ln, use_residual, normalize_step);
   return cudaGetLastError();
 }
 

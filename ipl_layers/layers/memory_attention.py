@@ -26,12 +26,12 @@ The memories, each per head on the same q, k, v:
 - "ttt_linear": TTT-Linear's inner model LN(x W + b) (no residual: it recalls the value, not the query plus a
   correction) learning v from k by mini-batch GD with per-token learning rate eta = base_lr / D * beta;
   learnable start weights W0, b0 and LN gamma/beta.
-- "titans": the Titans MLP memory (depth `memory_depth`, hidden 4 D, no residual) with step size
-  theta = base_lr * beta / mini_batch_size, momentum eta = sigmoid(.) and forgetting alpha = sigmoid(.) (one
-  projection of x, bias 0 and -5 as in `TitansMemory`); learnable start weights. The chunked form takes all C
-  gradients of a chunk at its start weights, so on similar keys their steps add up C-fold: per-token steps of
-  base_lr * beta made the memory diverge to NaN in the first forward on the stdlib corpus (C = 16, 257 tokens);
-  divided by C, a chunk moves the memory by base_lr * beta times its mean gradient.
+- "titans": the Titans MLP memory (depth `memory_depth`, hidden 4 D, no residual) with momentum eta = sigmoid(.)
+  and forgetting alpha = sigmoid(.) (one projection of x, bias 0 and -5 as in `TitansMemory`), step size
+  theta = base_lr * beta * (1 - eta) / mini_batch_size and the op's `normalize_step`; learnable start weights.
+  Each factor bounds a step as in `TitansMemory` (see there): without the 1 / C, per-token steps made the memory
+  NaN in the first forward on the stdlib corpus (C = 16, 257 tokens); without (1 - eta) and the normalised
+  step, a 4-layer model of these layers trained at lr 3e-3 went NaN at step 86.
 For the last two q, k are L2-normalised in the layer, and `mini_batch_size` is the op's mini-batch / chunk.
 
 So the memory at step t holds exactly tokens 0 .. t-W. It runs as the existing chunked ops over the key/value
@@ -75,7 +75,7 @@ from ipl_layers.ops.chunking import pad_sequences
 from ipl_layers.ops.titans_memory import layer_dims
 
 MEMORIES = ("gated_deltanet", "delta_rule", "linear_attention", "ttt_linear", "titans")
-BASE_LR = {"ttt_linear": 1.0, "titans": 0.1}  # the defaults of the TTTLinear and TitansMemory layers
+BASE_LR = {"ttt_linear": 1.0, "titans": 1.0}  # the defaults of the TTTLinear and TitansMemory layers
 
 
 def shift_into_memory(x: torch.Tensor, queue: torch.Tensor, cu_seqlens: Optional[torch.Tensor]
@@ -132,7 +132,7 @@ class MemoryAttention(_LinearAttentionLayer):
         mini_batch_size: tokens whose gradients share the start weights ("ttt_linear"'s mini-batch, "titans"'
             chunk).
         base_lr: scales the write strength into the learning rate ("ttt_linear": eta = base_lr / D * beta,
-            default 1; "titans": theta = base_lr * beta / mini_batch_size, default 0.1).
+            default 1; "titans": theta = base_lr * beta * (1 - eta) / mini_batch_size, default 1).
         memory_depth: the Titans memory MLP's depth L ("titans"; 1 is a linear map).
         num_sink_tokens: S >= 0 attention sinks per sequence (needs window_size >= 1); never written into the
             memory.
@@ -259,8 +259,9 @@ class MemoryAttention(_LinearAttentionLayer):
         if initial_state is None:
             kw["initial_state"] = tuple(w.expand(N, *w.shape) for w in self.memory_weights)
         eta, alpha = (gates[..., i, :].to(q.dtype) for i in (1, 2))  # [B, T, H] each
-        theta = beta / self.mini_batch_size  # a chunk's C steps add up on similar keys (module docstring)
-        return titans_memory(q, k, v, theta, eta, alpha, chunk_size=self.mini_batch_size, use_residual=False, **kw)
+        theta = beta * (1 - eta) / self.mini_batch_size  # bounds a chunk's move (module docstring)
+        return titans_memory(q, k, v, theta, eta, alpha, chunk_size=self.mini_batch_size, use_residual=False,
+                             normalize_step=True, **kw)
 
     def forward(
         self,

@@ -3,16 +3,22 @@ memory-as-a-layer variant) around one `titans_memory` call, with the interface o
 layers (forward signature, padding mask, cu_seqlens, cache; see `linear_attention.py`):
 
     q, k, v = silu(conv(W_q x)), silu(conv(W_k x)), silu(conv(W_v x))    [B, T, H, K]; q, k L2-normalised per head
-    theta = base_lr * sigmoid(W_theta x) / C  [B, T, H] step sizes (C = chunk_size)
     eta = sigmoid(W_eta x)                    [B, T, H] momentum
+    theta = base_lr * sigmoid(W_theta x) * (1 - eta) / C    [B, T, H] step sizes (C = chunk_size)
     alpha = sigmoid(W_alpha x)                [B, T, H] forgetting (bias starts at -5: alpha ~ 0.007)
-    o = titans_memory(q, k, v, theta, eta, alpha, initial_state=(W_1..W_L))     W_l [H, d_in, d_out] learnable
+    o = titans_memory(q, k, v, theta, eta, alpha, initial_state=(W_1..W_L), normalize_step=True)
+                                              W_l [H, d_in, d_out] learnable
     out = o_proj(RMSNorm(o))                  per head; RMSNorm(o) * silu(W_g x) with use_output_gate
 
-The chunked form takes all C gradients of a chunk at its start weights, so on similar keys their steps add up
-C-fold: with per-token steps of base_lr * sigmoid(.) (C = 64) a 4-layer model of these layers gave NaN in its
-first forward on the stdlib corpus; divided by C, a chunk moves the memory by base_lr * sigmoid(.) times its mean
-gradient, whatever C (base_lr 1 still diverges on a key repeated for 512 tokens; 0.1 and 0.3 do not).
+Three factors keep the memory from diverging however training moves its gates and weights (each was needed:
+README, Titans stability):
+- / C: the chunked form takes all C gradients of a chunk at its start weights, so on similar keys their steps
+  add up C-fold (per-token steps of base_lr * sigmoid(.) gave NaN in the first forward of a 4-layer model);
+- (1 - eta): the momentum then averages the gradients instead of adding up 1 / (1 - eta) of them, so a chunk
+  moves the memory by at most base_lr * sigmoid(.) times its mean gradient whatever the momentum;
+- normalize_step: each step is divided by 1 + the curvature of the token's loss along its error (`titans_memory`),
+  so a step removes at most theta of the error however large the MLP's hidden activations grow. Without it a
+  4-layer model of these layers at lr 3e-3 on the stdlib corpus went NaN at step 177.
 
 The memory of each head is an MLP of depth L (default 2, hidden 4K) wrapped as x + MLP(x) by default; the LN
 of the wrapper is an option (`use_ln`): with it the backward through long contexts grows (README). With a
@@ -41,9 +47,10 @@ class TitansMemory(_LinearAttentionLayer):
         depth: int = 2,
         expand: int = 4,
         chunk_size: int = 64,
-        base_lr: float = 0.1,
+        base_lr: float = 1.0,
         use_ln: bool = False,
         use_residual: bool = True,
+        normalize_step: bool = True,
         use_short_conv: bool = True,
         conv_size: int = 4,
         use_output_gate: bool = False,
@@ -63,7 +70,7 @@ class TitansMemory(_LinearAttentionLayer):
             raise ValueError(f"{name}: base_lr: expected > 0, got {base_lr}")
         H, K = num_heads, self.head_k_dim
         self.depth, self.expand, self.chunk_size, self.base_lr = depth, expand, chunk_size, base_lr
-        self.use_ln, self.use_residual = use_ln, use_residual
+        self.use_ln, self.use_residual, self.normalize_step = use_ln, use_residual, normalize_step
         self.gate_proj = nn.Linear(hidden_size, 3 * H)  # theta, eta, alpha per head
         nn.init.normal_(self.gate_proj.weight, std=0.02)
         with torch.no_grad():
@@ -86,8 +93,9 @@ class TitansMemory(_LinearAttentionLayer):
         H = self.num_heads
         gates = torch.sigmoid(self.gate_proj(x)).unflatten(-1, (3, H))  # [B, T, 3, H]
         theta, eta, alpha = (gates[:, :, i].to(q.dtype) for i in range(3))
+        theta = self.base_lr / self.chunk_size * theta * (1 - eta)  # module docstring: each factor bounds a step
         return titans_memory(
-            q, k, v, self.base_lr / self.chunk_size * theta, eta, alpha,
+            q, k, v, theta, eta, alpha, normalize_step=self.normalize_step,
             ln_weight=getattr(self, "memory_norm_weight", None), ln_bias=getattr(self, "memory_norm_bias", None),
             chunk_size=self.chunk_size, initial_state=initial_state, output_final_state=use_cache,
             cu_seqlens=cu_seqlens, use_ln=self.use_ln, use_residual=self.use_residual, backend=self.backend,

@@ -62,9 +62,19 @@ def ln_sq_grad(z: torch.Tensor, target: torch.Tensor, gamma: torch.Tensor, beta:
     return 2 * r * (gx - gx.mean(-1, keepdim=True) - x * (gx * x).mean(-1, keepdim=True))
 
 
-def mlp_grads(x: torch.Tensor, G: Sequence[torch.Tensor], target: torch.Tensor, ln, use_ln: bool):
+def step_scales(inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """1 / (1 + 2 rho) per token [.., C], rho = sum_l |x_l|^2 |d_l|^2 / |d_L|^2 (the `normalize_step` scaling of
+    theta; `titans_memory` module docstring). rho is 0 where the token's loss gradient is (a zero row)."""
+    last = grads[-1]
+    rho = sum((x * x).sum(-1) * (d * d).sum(-1) for x, d in zip(inputs, grads))
+    return 1 / (1 + 2 * rho / (last * last).sum(-1).clamp_min(torch.finfo(last.dtype).tiny))
+
+
+def mlp_grads(x: torch.Tensor, G: Sequence[torch.Tensor], target: torch.Tensor, ln, use_ln: bool,
+              normalize_step: bool):
     """The keys' forward through the MLP at G and the per-token loss gradients at each layer's output.
-    x [NH, C, K] -> (inputs [x_1..x_L], grads [d_1..d_L]) with u_j of layer l = inputs[l][j]^T grads[l][j]."""
+    x [NH, C, K] -> (inputs [x_1..x_L], grads [d_1..d_L]) with u_j of layer l = inputs[l][j]^T grads[l][j];
+    with `normalize_step` each token's grads carry its step scale (`step_scales`), so theta_j u_j is its step."""
     inputs, pre = [x], []
     for l, W in enumerate(G):
         z = inputs[-1] @ W  # [NH, C, d_out]
@@ -79,17 +89,20 @@ def mlp_grads(x: torch.Tensor, G: Sequence[torch.Tensor], target: torch.Tensor, 
     for l in range(len(G) - 1, 0, -1):
         d = torch.ops.aten.gelu_backward(d @ G[l].mT, pre[l - 1])  # (d W^T) gelu'(z): one op, differentiable
         grads.insert(0, d)
+    if normalize_step:
+        scale = step_scales(inputs, grads)[..., None]  # [NH, C, 1]
+        grads = [d * scale for d in grads]
     return inputs, grads
 
 
-def _run(qc, kc, tc, gates, G, M0, S0, ln, use_ln):
+def _run(qc, kc, tc, gates, G, M0, S0, ln, use_ln, normalize_step):
     """One run of chunks [NR, NH, C, *] from (G, M0, S0) (lists of L [NH, d_in, d_out]): the keys' side and the
     update chunk after chunk, then the queries of all the run's chunks. Returns the last layer's query
     pre-activations [NR, NH, C, V], the states after each chunk (lists of L [NR, NH, ..]) and the chunks' G."""
     (f, b, c), (fC, bC, cC, eC, sC) = gates
     Gs, Ms, Ss, Xs, Ds = [], [], [], [], []
     for r in range(qc.shape[0]):
-        X, D = mlp_grads(kc[r], G, tc[r], ln, use_ln)
+        X, D = mlp_grads(kc[r], G, tc[r], ln, use_ln, normalize_step)
         Gs.append(G)
         Ms.append(M0)
         Ss.append(S0)
@@ -110,7 +123,8 @@ def _run(qc, kc, tc, gates, G, M0, S0, ln, use_ln):
     return z, (M0, S0), Gs
 
 
-def chunk_forward(q, k, v, theta, eta, alpha, m, ln_weight, ln_bias, state, ends, C, use_ln, use_residual):
+def chunk_forward(q, k, v, theta, eta, alpha, m, ln_weight, ln_bias, state, ends, C, use_ln, use_residual,
+                  normalize_step):
     """Padded inputs -> (o [N, Tp, H, V] in v.dtype, the final (start, momentum, weights) as lists of L tensors
     [N, H, d_in, d_out]).
 
@@ -139,7 +153,7 @@ def chunk_forward(q, k, v, theta, eta, alpha, m, ln_weight, ln_bias, state, ends
     for r in range(0, NC, SEGMENT_CHUNKS):
         part = slice(r, r + SEGMENT_CHUNKS)
         run_gates = tuple(tuple(x[part] for x in group) for group in gates)
-        args = (qc[part], kc[part], tc[part], run_gates, G, M0, S0, (gamma, beta), use_ln)
+        args = (qc[part], kc[part], tc[part], run_gates, G, M0, S0, (gamma, beta), use_ln, normalize_step)
         if torch.is_grad_enabled():  # autograd keeps one run's intermediates at a time: the backward recomputes
             z, (M0, S0), Gs = checkpoint(_run, *args, use_reentrant=False)
         else:
@@ -159,7 +173,7 @@ def chunk_forward(q, k, v, theta, eta, alpha, m, ln_weight, ln_bias, state, ends
     return o, (start, [unflat(x) for x in S0], [unflat(x) for x in M0])
 
 
-def step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, state, C, use_ln, use_residual):
+def step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, state, C, use_ln, use_residual, normalize_step):
     """One token per sequence (decoding): q, k [N, H, K], v [N, H, V], gates [N, H], state (start, momentum,
     weights, position) -> (o [N, H, V] in v.dtype, the next (start, momentum, weights, position)). The token's
     gradient at the start weights, S = eta S - theta u, M = (1 - alpha) M + S, y = M(q); a chunk that fills
@@ -171,7 +185,7 @@ def step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, state, C, use_ln, use_r
     rows = lambda x: x.to(dt).flatten(0, 1)[:, None]  # noqa: E731  [N, H, D] -> [NH, 1, D]
     qr, kr, vr = rows(q), rows(k), rows(v)
     gamma, beta = (per_row(x, N, dt)[:, None] for x in (ln_weight, ln_bias))  # [NH, 1, V]
-    X, D = mlp_grads(kr, G, vr - kr if use_residual else vr, (gamma, beta), use_ln)
+    X, D = mlp_grads(kr, G, vr - kr if use_residual else vr, (gamma, beta), use_ln, normalize_step)
     th, et, al = (x.to(dt).reshape(-1, 1, 1) for x in (theta, eta, alpha))  # [NH, 1, 1]
     S = [et * s - th * (x.mT @ d) for s, x, d in zip(S, X, D)]  # u = x^T d: the token's gradient per layer
     M = [(1 - al) * m + s for m, s in zip(M, S)]

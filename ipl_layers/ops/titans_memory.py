@@ -18,6 +18,20 @@ for every weight matrix. The causality, exactly (the reference implements it tok
   torch path's dual form in `titans_chunk.py`).
 With L = 1 and no wrapper, eta = alpha = 0 and chunk_size = 1 this is the delta rule with beta = 2 theta and
 scale 1 (a test checks it).
+
+`normalize_step` (the layers' default; off in the op, which is the paper's memory) divides each token's step by
+one plus the curvature of its loss seen along its error, as normalised LMS does for a linear filter:
+
+    theta_t  ->  theta_t / (1 + 2 rho_t),    rho_t = sum_l |x_l|^2 |d_l|^2 / |d_L|^2
+
+with x_l the input of layer l and d_l the loss gradient at its output, both at the weights the token takes its
+gradient at (so |u_l| = |x_l| |d_l|), d_L the gradient at the memory's last output before the wrapper. With J the
+Jacobian of that output in the weights, rho_t = |J^T d_L|^2 / |d_L|^2: without LN (d_L = 2 r, r the error
+M(k_t) - t_t) a step of theta along u_t moves the linearised error to r - 2 theta J J^T r, whose component along
+r is (1 - 2 rho_t theta) r. Scaled, one step removes the fraction theta_t 2 rho_t / (1 + 2 rho_t) < theta_t of the
+error along itself whatever the scale of the activations, so an MLP memory whose hidden activations grow cannot
+overshoot; unscaled, a step's effect grows with |x_L|^2, and a trained 4-layer model of these memories diverged
+to NaN (README, Titans). The scale is part of the op: the gradients flow through it.
 """
 
 from typing import Optional, Sequence, Tuple, Union
@@ -133,6 +147,7 @@ def titans_memory_reference(
     cu_seqlens: Optional[torch.Tensor] = None,
     use_ln: bool = False,
     use_residual: bool = False,
+    normalize_step: bool = False,
 ) -> Tuple[torch.Tensor, Optional[TitansState]]:
     """Token by token, written to read like the equations; gradients by `torch.func.grad` of the loss. Runs
     in float64 when given float64 inputs."""
@@ -142,17 +157,24 @@ def titans_memory_reference(
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     gamma, beta = (x.to(acc) for x in _ln_params(q, v, ln_weight, ln_bias))
 
-    def memory(weights, x):  # [H, K] -> M(x) [H, V], each head through its own weights
+    def last_output(weights, x):  # [H, K] -> the last layer's output [H, V] (before the wrapper's LN)
         for l, W in enumerate(weights):
             x = torch.einsum("hi,hio->ho", x if l == 0 else F.gelu(x), W)
-        x = layer_norm(x, gamma, beta) if use_ln else x
         return x
 
-    def loss(weights, x, target):  # summed over heads: its gradient in each head's weights is that head's own
-        out = memory(weights, x)
+    def memory(weights, x):  # [H, K] -> M(x) [H, V], each head through its own weights
+        z = last_output(weights, x)
+        return layer_norm(z, gamma, beta) if use_ln else z
+
+    def loss_at_output(z, x, target):  # the loss as a function of the last layer's output z [H, V]
+        out = layer_norm(z, gamma, beta) if use_ln else z
         return ((out + x if use_residual else out) - target).pow(2).sum()
 
+    def loss(weights, x, target):  # summed over heads: its gradient in each head's weights is that head's own
+        return loss_at_output(last_output(weights, x), x, target)
+
     grad = torch.func.grad(loss)
+    tiny = torch.finfo(acc).tiny
     outputs, finals = [], []
     for n, (row, start, end) in enumerate(sequence_spans(B, T, cu_seqlens)):
         Mc, S, M = ([x[n].to(acc) for x in part] for part in (init.start, init.momentum, init.weights))
@@ -162,6 +184,10 @@ def titans_memory_reference(
             qt, kt, vt = q[row, t].to(acc), k[row, t].to(acc), v[row, t].to(acc)  # [H, K], [H, K], [H, V]
             th, et, al = (x[row, t].to(acc).view(H, 1, 1) for x in (theta, eta, alpha))
             u = grad(tuple(Mc), kt, vt)  # the gradient at the chunk's start weights
+            if normalize_step:  # |u_l|^2 = |x_l|^2 |d_l|^2 per head; d_L the gradient at the last output
+                d_last = torch.func.grad(loss_at_output)(last_output(Mc, kt), kt, vt)  # [H, V]
+                rho = sum(x.pow(2).sum((1, 2)) for x in u) / d_last.pow(2).sum(-1).clamp_min(tiny)  # [H]
+                th = th / (1 + 2 * rho).view(H, 1, 1)
             S = [et * s - th * g for s, g in zip(S, u)]
             M = [(1 - al) * w + s for w, s in zip(M, S)]
             out = memory(M, qt)  # retrieval after the token's own update
@@ -197,6 +223,7 @@ def titans_memory(
     cu_seqlens: Optional[torch.Tensor] = None,
     use_ln: bool = False,
     use_residual: bool = False,
+    normalize_step: bool = False,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[TitansState]]:
     """The Titans memory's retrievals on q while it learns from (k, v); see the module docstring.
@@ -216,6 +243,8 @@ def titans_memory(
             float64 inputs).
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
         use_ln, use_residual: the wrapper x + LN(MLP(x)) (the residual needs V == K).
+        normalize_step: divide each token's theta by 1 + its loss's curvature along its gradient (module
+            docstring): one step never removes more than theta of the token's error.
         backend: "torch" (the chunked form, the CPU path; one token per sequence without autograd runs the
             fused C++ step of `ipl_layers._C` when it is built) or "reference". Default: `IPL_BACKEND`, else
             "torch" on CPU; CUDA tensors need an explicit backend until the Triton kernels exist.
@@ -226,7 +255,7 @@ def titans_memory(
     N, init = _check_inputs(q, k, v, theta, eta, alpha, ln_weight, ln_bias, chunk_size, depth, expand,
                             initial_state, cu_seqlens, use_residual)
     name = resolve_backend("titans_memory", backend, q.device, BACKENDS)
-    flags = dict(use_ln=use_ln, use_residual=use_residual)
+    flags = dict(use_ln=use_ln, use_residual=use_residual, normalize_step=normalize_step)
     if name == "reference":
         return titans_memory_reference(
             q, k, v, theta, eta, alpha, ln_weight=ln_weight, ln_bias=ln_bias, chunk_size=chunk_size,
@@ -237,10 +266,10 @@ def titans_memory(
         state, ln = (init.start, init.momentum, init.weights, init.position), _ln_params(q, v, ln_weight, ln_bias)
         tokens = (q[:, 0], k[:, 0], v[:, 0], theta[:, 0], eta[:, 0], alpha[:, 0])
         if _ext.step_applies(q, init.weights[0], None, k, v, theta, eta, alpha, *ln, *init[:-1]):
-            o, (start, momentum, weights, position) = _ext.titans_step(*tokens, *ln, state, C, use_ln, use_residual)
+            o, (start, momentum, weights, position) = _ext.titans_step(*tokens, *ln, state, C, **flags)
             o = o.to(v.dtype)  # the fused C++ step (fp32) on CPU without autograd
         else:
-            o, (start, momentum, weights, position) = chunk.step(*tokens, *ln, state, C, use_ln, use_residual)
+            o, (start, momentum, weights, position) = chunk.step(*tokens, *ln, state, C, **flags)
         return o[:, None], (TitansState.of(start, momentum, weights, position) if output_final_state else None)
     lengths = torch.diff(cu_seqlens.long()) if cu_seqlens is not None else init.position.new_full((N,), q.shape[1])
     ends = init.position + lengths.to(init.position.device)  # [N]: positions covered in the padded grid
@@ -252,8 +281,7 @@ def titans_memory(
     etp = torch.where(m > 0, etp, torch.ones_like(etp))
     ln_weight, ln_bias = _ln_params(q, v, ln_weight, ln_bias)
     o, (start, momentum, weights) = chunk.chunk_forward(
-        qp, kp, vp, thp, etp, alp, m, ln_weight, ln_bias, (init.start, init.momentum, init.weights), ends, C,
-        use_ln, use_residual,
+        qp, kp, vp, thp, etp, alp, m, ln_weight, ln_bias, (init.start, init.momentum, init.weights), ends, C, **flags,
     )
     final = TitansState.of(start, momentum, weights, ends % C) if output_final_state else None
     return unpad(o), final

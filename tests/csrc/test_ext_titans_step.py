@@ -13,7 +13,9 @@ from ipl_layers.ops.titans_memory import titans_memory_reference
 # against the float64 reference after T = 8 tokens (2 chunk commits at C = 3); measured <= 8.9e-7 (depth 3).
 BOUND = 2e-6
 N, H, K, C, T = 2, 3, 20, 3, 8  # K not a multiple of the 16-column tile: the last tile is partial
-FLAGS = [dict(use_ln=True, use_residual=True), dict(use_ln=False, use_residual=False)]
+FLAGS = [dict(use_ln=True, use_residual=True), dict(use_ln=False, use_residual=False),
+         dict(use_ln=True, use_residual=True, normalize_step=True), dict(use_ln=False, use_residual=False,
+                                                                        normalize_step=True)]
 
 
 def make_sequence(depth, dtype=torch.float32):
@@ -34,7 +36,7 @@ def decode(inputs, ln, state, flags):
     return torch.cat(outs, dim=1), state
 
 
-@pytest.mark.parametrize("flags", FLAGS, ids=["ln-residual", "plain"])
+@pytest.mark.parametrize("flags", FLAGS, ids=["ln-residual", "plain", "ln-residual-normalized", "plain-normalized"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_op_decodes_through_the_step_and_follows_its_reference(depth, flags, monkeypatch):
     inputs, ln, weights = make_sequence(depth)
@@ -55,13 +57,14 @@ def test_op_decodes_through_the_step_and_follows_its_reference(depth, flags, mon
     assert torch.equal(final[-1], final_ref[-1])
 
 
-def test_matches_the_torch_step_on_strided_bf16_inputs(monkeypatch):
+@pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[2]], ids=["ln-residual", "ln-residual-normalized"])
+def test_matches_the_torch_step_on_strided_bf16_inputs(flags, monkeypatch):
     inputs, ln, weights = make_sequence(2, torch.bfloat16)
     strided = tuple(x.transpose(0, 2).contiguous().transpose(0, 2) for x in inputs)  # same values, other strides
     assert not strided[0].is_contiguous()
-    o, final = decode(strided, ln, weights, FLAGS[0])
+    o, final = decode(strided, ln, weights, flags)
     monkeypatch.setattr(_ext, "available", lambda: False)  # the torch step on the same tokens
-    o_ref, final_ref = decode(inputs, ln, weights, FLAGS[0])
+    o_ref, final_ref = decode(inputs, ln, weights, flags)
     assert o.dtype == torch.bfloat16
     assert_rel_rms("o", o.float(), o_ref.float(), 1e-2)  # one bf16 rounding of o (2^-8 relative)
     for i, (x, r) in enumerate(zip(final[:-1], final_ref[:-1])):
@@ -107,4 +110,4 @@ def _bad(**change):
 )
 def test_bad_inputs_raise_naming_the_argument(args, error, match):
     with pytest.raises(error, match=match):
-        _ext._require().titans_step(**args, use_ln=True, use_residual=True)
+        _ext._require().titans_step(**args, use_ln=True, use_residual=True, normalize_step=False)

@@ -87,9 +87,9 @@ def memory_reference(layer, x, q, k, v, shift):
                                     use_residual=False)[0]
     eta, alpha = shift(torch.sigmoid(layer.eta_alpha_proj(x))).unflatten(-1, (2, HEADS)).unbind(-2)
     start = tuple(w.expand(N, *w.shape) for w in layer.memory_weights)
-    theta = layer.base_lr * beta / MINI_BATCH
+    theta = layer.base_lr * beta * (1 - eta) / MINI_BATCH
     return titans_memory_reference(q, k, shift(v), theta, eta, alpha, chunk_size=MINI_BATCH, initial_state=start,
-                                   use_residual=False)[0]
+                                   use_residual=False, normalize_step=True)[0]
 
 
 def hand_composition(layer, x):

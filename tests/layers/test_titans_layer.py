@@ -58,8 +58,9 @@ def test_layer_matches_formula():
     q, k, v = (c(p(x))[0].unflatten(-1, (H, K)) for c, p in zip(conv, (layer.q_proj, layer.k_proj, layer.v_proj)))
     theta, eta, alpha = torch.sigmoid(layer.gate_proj(x)).unflatten(-1, (3, H)).unbind(2)
     weights = tuple(w.expand(2, *w.shape) for w in layer.memory_weights)
-    o, _ = titans_memory_reference(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, 0.5 / 4 * theta, eta, alpha,
-                                   chunk_size=4, initial_state=weights, use_residual=True)
+    o, _ = titans_memory_reference(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, 0.5 / 4 * theta * (1 - eta),
+                                   eta, alpha, chunk_size=4, initial_state=weights, use_residual=True,
+                                   normalize_step=True)
     gate = layer.g_proj(x).unflatten(-1, (H, K))
     o = F.rms_norm(o, (K,), layer.o_norm.weight, eps=1e-5) * F.silu(gate)
     assert_rel_rms("layer formula", layer(x)[0], layer.o_proj(o.flatten(-2)), FP64_BOUND)

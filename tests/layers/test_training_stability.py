@@ -66,6 +66,6 @@ def test_two_layer_model_trains_300_steps_without_blowing_up(name):
     assert all(math.isfinite(x) for x in losses)
     start, end = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert max(losses) <= 1.5 * start, f"loss blew up: max {max(losses):.3f} vs start {start:.3f}"
-    # measured (last 20 steps) 2.715 for ttt_linear, 2.675 for ttt_mlp, 2.551 for titans, 2.651 for titans_ln and
+    # measured (last 20 steps) 2.715 for ttt_linear, 2.675 for ttt_mlp, 2.712 for titans, 2.606 for titans_ln and
     # 2.705 for lact (2.698 on one thread) against ln(16) = 2.773
     assert end < math.log(VOCAB), f"no in-context learning: end {end:.3f} >= unigram loss {math.log(VOCAB):.3f}"

@@ -81,10 +81,12 @@ def reference(inputs, cu, C, **flags):
     return run("reference", leaves + inputs[-1:], cu, C, inputs[0].dtype, **flags)
 
 
+@pytest.mark.parametrize("normalize_step", [False, True], ids=["", "normalized"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "-".join(k[4:] for k, on in f.items() if on) or "plain")
-def test_depths_and_flags_float64(depth, flags):
+def test_depths_and_flags_float64(depth, flags, normalize_step):
     inputs, cu = make_inputs(2, 13, 2, 4, depth, torch.float64)
+    flags = dict(flags, normalize_step=normalize_step)
     compare(run("torch", inputs, cu, 4, **flags), reference(inputs, cu, 4, **flags), BOUND_F64)
 
 
@@ -95,16 +97,20 @@ def test_lengths_and_chunk_sizes_float64(T, C):
     compare(run("torch", inputs, cu, C), reference(inputs, cu, C), BOUND_F64)
 
 
-@pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[1]], ids=["plain", "ln-residual"])
+@pytest.mark.parametrize("flags", [FLAGS[0], FLAGS[1], dict(FLAGS[0], normalize_step=True),
+                                   dict(FLAGS[1], normalize_step=True)],
+                         ids=["plain", "ln-residual", "plain-normalized", "ln-residual-normalized"])
 def test_float32(flags):
     inputs, cu = make_inputs(2, 45, 2, 8, 2, torch.float32, expand=4)
     compare(run("torch", inputs, cu, 16, **flags), reference(inputs, cu, 16, **flags), BOUND_F32)
 
 
+@pytest.mark.parametrize("normalize_step", [False, True], ids=["", "normalized"])
 @pytest.mark.parametrize("dtype,bound", [(torch.float64, BOUND_F64), (torch.float32, BOUND_F32)])
-def test_varlen_with_empty_sequences_mid_chunk(dtype, bound):
+def test_varlen_with_empty_sequences_mid_chunk(dtype, bound, normalize_step):
     inputs, cu = make_inputs(4, 27, 2, 4, 2, dtype, lengths=[9, 0, 15, 3], positions=[3, 1, 0, 2])
-    compare(run("torch", inputs, cu, 4), reference(inputs, cu, 4), bound)
+    flags = dict(normalize_step=normalize_step)
+    compare(run("torch", inputs, cu, 4, **flags), reference(inputs, cu, 4, **flags), bound)
 
 
 @settings(max_examples=6)
@@ -115,8 +121,10 @@ def test_varlen_with_empty_sequences_mid_chunk(dtype, bound):
     C=st.sampled_from([1, 3, 8]),
     flags=st.sampled_from(FLAGS),
     mid=st.booleans(),
+    normalize_step=st.booleans(),
 )
-def test_torch_path_hypothesis(lengths, packed, depth, C, flags, mid):
+def test_torch_path_hypothesis(lengths, packed, depth, C, flags, mid, normalize_step):
+    flags = dict(flags, normalize_step=normalize_step)
     positions = [(3 * n + 1) % C for n in range(len(lengths) if packed else 1)] if mid else None
     if packed:
         inputs, cu = make_inputs(len(lengths), sum(lengths), 2, 4, depth, torch.float32, lengths=lengths,
@@ -144,7 +152,8 @@ def test_runs_of_chunks(lengths, positions, monkeypatch):
     compare(got, reference(inputs, cu, 4), BOUND_F64)
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("normalize_step", [False, True], ids=["", "normalized"])
+def test_gradcheck(normalize_step):
     # the whole op, float64, every differentiable input at once (mid-chunk state): finite differences
     inputs, _ = make_inputs(1, 6, 1, 2, 2, torch.float64, positions=[1])
     *xs, position = inputs
@@ -152,7 +161,7 @@ def test_gradcheck():
     def f(*xs):
         o, final = titans_memory(*xs[:6], ln_weight=xs[6], ln_bias=xs[7], chunk_size=4, use_ln=True,
                                  use_residual=True, initial_state=TitansState(*xs[8:], position),
-                                 output_final_state=True, backend="torch")
+                                 output_final_state=True, normalize_step=normalize_step, backend="torch")
         return (o, *final[:-1])
 
     assert torch.autograd.gradcheck(f, xs)
@@ -172,6 +181,24 @@ def test_delta_rule_identity(C):
         assert_rel_rms("M", final.weights[0], S, BOUND_F64)
     else:
         assert rel_rms(o, o_delta) > 1e-3
+
+
+def test_normalized_step_removes_the_step_fraction_of_the_error():
+    # L = 1, no wrapper, one token read at its own key: M' = M - theta / (1 + 2 |k|^2) 2 k^T r, so the error
+    # M'(k) - v = r (1 - theta 2 |k|^2 / (1 + 2 |k|^2)) exactly (a linear memory is its own linearisation),
+    # whatever the key's norm; unscaled it is r (1 - 2 theta |k|^2) and overshoots once theta |k|^2 > 1
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 1, 3, 4, generator=gen, dtype=torch.float64) * torch.tensor([0.1, 1.0, 10.0]).view(1, 1, 3, 1)
+    v = torch.randn(1, 1, 3, 4, generator=gen, dtype=torch.float64)
+    W = torch.randn(1, 3, 4, 4, generator=gen, dtype=torch.float64)
+    theta, zero = torch.full((1, 1, 3), 0.9, dtype=torch.float64), torch.zeros(1, 1, 3, dtype=torch.float64)
+    kk = k.pow(2).sum(-1)  # [1, 1, 3]
+    r = torch.einsum("bthk,bhkv->bthv", k, W) - v
+    for backend in ("reference", "torch"):
+        for normalize_step, kept in ((True, 1 - theta * 2 * kk / (1 + 2 * kk)), (False, 1 - 2 * theta * kk)):
+            o, _ = titans_memory(k, k, v, theta, zero, zero, chunk_size=1, initial_state=(W,),
+                                 normalize_step=normalize_step, backend=backend)
+            assert_rel_rms(f"{backend} error", o - v, r * kept[..., None], BOUND_F64)
 
 
 @pytest.mark.parametrize("split", [0, 3, 4, 7, 13])
