@@ -201,6 +201,27 @@ def test_normalized_step_removes_the_step_fraction_of_the_error():
             assert_rel_rms(f"{backend} error", o - v, r * kept[..., None], BOUND_F64)
 
 
+@pytest.mark.parametrize("normalize_step,momentum_scaled,converges", [(True, True, True), (False, True, False),
+                                                                      (True, False, False)])
+def test_repeated_key_converges_with_normalized_averaged_steps(normalize_step, momentum_scaled, converges):
+    # The step of the layers: theta = (1 - eta) / C with normalize_step, on one key/value pair repeated for 1024
+    # tokens (chunk 16, momentum 0.9, a depth-2 memory with hidden activations ~3x unit scale): the error falls
+    # to rounding. Without the normalisation the memory overshoots (its GELUs die); without the (1 - eta) the
+    # momentum adds up 10 steps and it never settles. Both stay at the error they started with.
+    gen = torch.Generator().manual_seed(0)
+    H, K, T, C = 2, 8, 1024, 16
+    k = F.normalize(torch.randn(1, 1, H, K, generator=gen, dtype=torch.float64), dim=-1).expand(1, T, H, K)
+    v = torch.randn(1, 1, H, K, generator=gen, dtype=torch.float64).expand(1, T, H, K)
+    W = (3 * torch.randn(1, H, K, 4 * K, generator=gen, dtype=torch.float64) / K**0.5,
+         torch.randn(1, H, 4 * K, K, generator=gen, dtype=torch.float64) / (4 * K)**0.5)
+    eta = torch.full((1, T, H), 0.9, dtype=torch.float64)
+    theta = (1 - eta if momentum_scaled else torch.ones_like(eta)) / C
+    o, _ = titans_memory(k, k, v, theta, eta, torch.zeros_like(eta), chunk_size=C, initial_state=W,
+                         normalize_step=normalize_step)
+    error = (o[0, -1] - v[0, -1]).norm(dim=-1).max().item()  # [H] -> worst head
+    assert (error < 1e-6) == converges, f"error after {T} tokens: {error:.3g}"
+
+
 @pytest.mark.parametrize("split", [0, 3, 4, 7, 13])
 def test_state_carries_across_calls(split):
     # two calls split anywhere, on a chunk boundary or inside one, equal one call
