@@ -31,7 +31,7 @@ from ipl_layers.layers import (  # noqa: E402
     DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearAttention, TitansMemory, TTTLinear, TTTMLP,
 )
 from ipl_layers.ops import delta_rule, linear_attention, short_conv, titans_memory, ttt_linear, ttt_mlp  # noqa: E402
-from ipl_layers.state import TTTLinearState, TTTMLPState  # noqa: E402
+from ipl_layers.state import TitansState, TTTLinearState, TTTMLPState  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "decode"
 TARGET = 5.0  # the issue's target: fused >= 5x eager torch per layer at B = 1
@@ -65,7 +65,9 @@ def eager():
 
 
 def op_cases(B, H, K):
-    """(name, call) per op: each call decodes one token from a fixed state and returns the output."""
+    """(name, step, fresh) per op: `step` decodes one token and returns the output, from a fixed state, or for the
+    "in place" cases from its own state, which it advances (`update_state_in_place`: what a layer does with its
+    cache); `fresh` decodes that token from a copy of the state, to compare outputs."""
     q, k, v = torch.randn(B, 1, H, K), F.normalize(torch.randn(B, 1, H, K), dim=-1), torch.randn(B, 1, H, K)
     S = torch.randn(B, H, K, K)  # [B, H, K, V]
     beta, g = torch.rand(B, 1, H), F.logsigmoid(torch.randn(B, 1, H))  # [B, 1, H]
@@ -84,7 +86,17 @@ def op_cases(B, H, K):
     titans_weights = (torch.randn(B, H, K, F_) / K**0.5, torch.randn(B, H, F_, K) / F_**0.5)  # [B, H, d_l, d_l+1]
     theta, alpha = 0.01 * torch.rand(B, 1, H), 0.01 * torch.rand(B, 1, H)
     la = dict(initial_state=S, output_final_state=True, backend="torch")
-    return [
+    titans_state = TitansState.of(list(titans_weights), [0.01 * torch.randn_like(w) for w in titans_weights],
+                                  [w.clone() for w in titans_weights], torch.full((B,), 3, dtype=torch.long))
+
+    def in_place(op, state, *args, **kw):  # (step, fresh) of an op decoding from its own state
+        def step(fresh=False):
+            own = type(state)(*(x.clone() for x in state)) if fresh else state
+            return op(q, k, v, *args, initial_state=own, output_final_state=True, update_state_in_place=True,
+                      backend="torch", **kw)[0]
+        return step, lambda: step(fresh=True)
+
+    fixed = [
         ("linear_attention g=none", lambda: linear_attention(q, k, v, **la)[0]),
         ("linear_attention g=scalar", lambda: linear_attention(q, k, v, g=g, **la)[0]),
         ("linear_attention g=per-key", lambda: linear_attention(q, k, v, g=g_key, **la)[0]),
@@ -100,6 +112,15 @@ def op_cases(B, H, K):
             q, k, v, theta, beta, alpha, chunk_size=TITANS_CHUNK, initial_state=titans_weights,
             output_final_state=True, backend="torch")[0]),
     ]
+    own = [
+        ("ttt_linear b=16 in place", *in_place(ttt_linear, TTTLinearState(*(x.clone() for x in ttt_state)), eta,
+                                               mini_batch_size=MINI_BATCH)),
+        ("ttt_mlp b=16 in place", *in_place(ttt_mlp, TTTMLPState(*(x.clone() for x in mlp_state)), eta,
+                                            mini_batch_size=MINI_BATCH)),
+        (f"titans_memory depth={TITANS_DEPTH} in place", *in_place(titans_memory, titans_state, theta, beta, alpha,
+                                                                   chunk_size=TITANS_CHUNK)),
+    ]
+    return [(name, fn, fn) for name, fn in fixed] + own
 
 
 def layer_cases(B, H, K):
@@ -195,9 +216,9 @@ def main(argv=None):
     torch.manual_seed(0)
     rows = []
     for B in args.batch:
-        for name, fn in selected(op_cases(B, args.H, args.K), args.only):
-            err = same_output("op", name, B, fn, fn)
-            row = dict(measure("op", name, B, fn, fn, args.min_run_time), rel_rms_vs_eager=err)
+        for name, step, fresh in selected(op_cases(B, args.H, args.K), args.only):
+            err = same_output("op", name, B, fresh, fresh)
+            row = dict(measure("op", name, B, step, step, args.min_run_time), rel_rms_vs_eager=err)
             rows.append(row)
             print(f"op    {name:28s} B={B:<3d} fused {row['fused_ms']:.4f} ms  eager {row['eager_ms']:.4f} ms  "
                   f"{row['speedup']:.1f}x", flush=True)

@@ -46,6 +46,19 @@ def step_applies(q: torch.Tensor, initial_state, cu_seqlens, *others) -> bool:
     )
 
 
+def in_place_applies(state) -> bool:
+    """Whether a fused step may write a new state over these tensors (`in_place`): each float32 and contiguous
+    (written where it is, not staged; a state expanded across the batch is not), none sharing memory with
+    another (start weights that are the weights' own tensor would take the weights' update)."""
+    spans = []
+    for t in state:
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            return False
+        spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+    spans.sort()
+    return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
 def linear_attention_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -102,47 +115,51 @@ def short_conv_step(
     return _require().short_conv_step(x, weight, bias, state, silu)
 
 
-def ttt_linear_step(q, k, v, eta, ln_weight, ln_bias, scale, state, use_ln=True, use_residual=True, use_bias=True):
+def ttt_linear_step(q, k, v, eta, ln_weight, ln_bias, scale, state, use_ln=True, use_residual=True, use_bias=True,
+                    in_place=False):
     """One TTT-Linear decoding step on CPU (csrc/common/ttt_linear_step.h).
 
     q, k, v [N, H, K]; eta [N, H]; ln_weight, ln_bias [H, K]; scale [H, C] the position scales; state a
     `TTTLinearState` (W, sum_W [N, H, K, K], b, sum_b [N, H, K] (zeros without bias), position [N] int64).
     Returns (o [N, H, K] fp32, the new `TTTLinearState` in fp32): the token's gradient joins the open mini-batch's
-    sums, committed into W, b at its end; the input state is left unchanged.
+    sums, committed into W, b at its end; the input state is left unchanged, or with `in_place` (W, b, sum_W,
+    sum_b fp32, contiguous, apart: `in_place_applies`) overwritten and returned.
     """
     from ipl_layers.state import TTTLinearState
 
     outs = _require().ttt_linear_step(q, k, v, eta, ln_weight, ln_bias, scale, *state, use_ln, use_residual,
-                                      use_bias)
+                                      use_bias, in_place)
     return outs[0], TTTLinearState(*outs[1:])
 
 
-def ttt_mlp_step(q, k, v, eta, ln_weight, ln_bias, scale, state, use_ln=True, use_residual=True):
+def ttt_mlp_step(q, k, v, eta, ln_weight, ln_bias, scale, state, use_ln=True, use_residual=True, in_place=False):
     """One TTT-MLP decoding step on CPU (csrc/common/ttt_mlp_step.h).
 
     q, k, v [N, H, K]; eta [N, H]; ln_weight, ln_bias [H, K]; scale [H, C] the position scales; state a
     `TTTMLPState` (W1, sum_W1 [N, H, K, F], b1, sum_b1 [N, H, F], W2, sum_W2 [N, H, F, K], b2, sum_b2 [N, H, K],
     position [N] int64). Returns (o [N, H, K] fp32, the new `TTTMLPState` in fp32): the token's gradients join the
-    open mini-batch's sums, committed into the weights at its end; the input state is left unchanged.
+    open mini-batch's sums, committed into the weights at its end; the input state is left unchanged, or with
+    `in_place` (state tensors fp32, contiguous, apart: `in_place_applies`) overwritten and returned.
     """
     from ipl_layers.state import TTTMLPState
 
-    outs = _require().ttt_mlp_step(q, k, v, eta, ln_weight, ln_bias, scale, *state, use_ln, use_residual)
+    outs = _require().ttt_mlp_step(q, k, v, eta, ln_weight, ln_bias, scale, *state, use_ln, use_residual, in_place)
     return outs[0], TTTMLPState(*outs[1:])
 
 
 def titans_step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, state, C, use_ln=True, use_residual=True,
-                normalize_step=False):
+                normalize_step=False, in_place=False):
     """One Titans-memory decoding step on CPU (csrc/common/titans_step.h).
 
     q, k [N, H, K]; v [N, H, V]; theta, eta, alpha [N, H]; ln_weight, ln_bias [H, V]; state (start, momentum,
     weights, position): three lists of L matrices [N, H, d_l, d_{l+1}] and position [N] int64 in [0, C);
     normalize_step: theta scaled by 1 / (1 + 2 rho) (`titans_memory`).
-    Returns (o [N, H, V] fp32, the next (start, momentum, weights, position), fp32); the state is left unchanged.
+    Returns (o [N, H, V] fp32, the next (start, momentum, weights, position), fp32); the state is left unchanged,
+    or with `in_place` (its tensors fp32, contiguous, apart: `in_place_applies`) overwritten and returned.
     """
     start, momentum, weights, position = state
     outs = _require().titans_step(q, k, v, theta, eta, alpha, ln_weight, ln_bias, list(start), list(momentum),
-                                  list(weights), position, C, use_ln, use_residual, normalize_step)
+                                  list(weights), position, C, use_ln, use_residual, normalize_step, in_place)
     L = len(start)
     return outs[0], (outs[1:1 + L], outs[1 + L:1 + 2 * L], outs[1 + 2 * L:1 + 3 * L], outs[-1])
 

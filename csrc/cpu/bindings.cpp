@@ -20,20 +20,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One TTT-Linear decoding step: [o [N, H, K] fp32, W, b, sum_W, sum_b (fp32), position]", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("eta"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("scale"),
         py::arg("W"), py::arg("b"), py::arg("sum_W"), py::arg("sum_b"), py::arg("position"), py::arg("use_ln"),
-        py::arg("use_residual"), py::arg("use_bias"), py::call_guard<py::gil_scoped_release>());
+        py::arg("use_residual"), py::arg("use_bias"), py::arg("in_place"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("ttt_mlp_step", &ipl::ttt_mlp_step,
         "One TTT-MLP decoding step: [o [N, H, K] fp32, W1, b1, W2, b2, sum_W1, sum_b1, sum_W2, sum_b2 (fp32), "
         "position]",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("eta"), py::arg("ln_weight"), py::arg("ln_bias"),
         py::arg("scale"), py::arg("W1"), py::arg("b1"), py::arg("W2"), py::arg("b2"), py::arg("sum_W1"),
         py::arg("sum_b1"), py::arg("sum_W2"), py::arg("sum_b2"), py::arg("position"), py::arg("use_ln"),
-        py::arg("use_residual"), py::call_guard<py::gil_scoped_release>());
+        py::arg("use_residual"), py::arg("in_place"), py::call_guard<py::gil_scoped_release>());
   m.def("titans_step", &ipl::titans_step,
         "One Titans-memory decoding step: [o [N, H, V] fp32, start..., momentum..., weights... (fp32), position]",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("theta"), py::arg("eta"), py::arg("alpha"),
         py::arg("ln_weight"), py::arg("ln_bias"), py::arg("start"), py::arg("momentum"), py::arg("weights"),
         py::arg("position"), py::arg("C"), py::arg("use_ln"), py::arg("use_residual"), py::arg("normalize_step"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("in_place"), py::call_guard<py::gil_scoped_release>());
   m.def("topk_rows", &ipl::topk_rows, "Top-k of each row, sorted descending: (values [R, k], indices [R, k])",
         py::arg("x"), py::arg("k"), py::call_guard<py::gil_scoped_release>());
   m.def("embedding_bag_forward", &ipl::embedding_bag_forward, "Weighted embedding bag: out [M, D] fp32",

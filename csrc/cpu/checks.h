@@ -3,6 +3,8 @@
 #pragma once
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -35,6 +37,23 @@ inline at::Tensor check_position(const char* op, const at::Tensor& position, int
                       " at sequence ", n);
   }
   return pos;
+}
+
+// in_place: the step writes the new state over these tensors, so each must be fp32 and contiguous (written where
+// it is, not staged) and no two may share memory (a start aliasing the weights would take the weights' update).
+inline void check_in_place(const char* op, const std::vector<std::pair<std::string, at::Tensor>>& state) {
+  for (size_t i = 0; i < state.size(); ++i) {
+    const auto& [name, x] = state[i];
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.is_contiguous(), op, ": ", name,
+                      ": in_place needs a contiguous float32 tensor, got ", x.scalar_type(),
+                      x.is_contiguous() ? " (contiguous)" : " (non-contiguous)");
+    const char* lo = static_cast<const char*>(x.data_ptr());
+    for (size_t j = 0; j < i; ++j) {
+      const char* other = static_cast<const char*>(state[j].second.data_ptr());
+      TORCH_CHECK_VALUE(lo + x.nbytes() <= other || other + state[j].second.nbytes() <= lo, op, ": ", name,
+                        ": in_place needs state tensors that do not share memory, but it overlaps ", state[j].first);
+    }
+  }
 }
 
 // A contiguous fp32 copy (none when x already is one): the shared arithmetic reads raw fp32 rows.

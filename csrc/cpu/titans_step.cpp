@@ -23,7 +23,8 @@ std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, co
                                     const at::Tensor& ln_weight, const at::Tensor& ln_bias,
                                     const std::vector<at::Tensor>& start, const std::vector<at::Tensor>& momentum,
                                     const std::vector<at::Tensor>& weights, const at::Tensor& position, int64_t C,
-                                    bool use_ln, bool use_residual, bool normalize_step) {
+                                    bool use_ln, bool use_residual, bool normalize_step,
+                                    bool in_place) {
   check_float_cpu(kOp, "q", q, 3, {}, "N, H, K");
   const int64_t N = q.size(0), H = q.size(1), K = q.size(2);
   check_float_cpu(kOp, "k", k, 3, {N, H, K}, "N, H, K");
@@ -59,12 +60,22 @@ std::vector<at::Tensor> titans_step(const at::Tensor& q, const at::Tensor& k, co
   const at::Tensor q32 = f32(q), k32 = f32(k), v32 = f32(v), th32 = f32(theta), et32 = f32(eta), al32 = f32(alpha);
   const at::Tensor g32 = f32(ln_weight), b32 = f32(ln_bias);
   const auto opts = q.options().dtype(at::kFloat);
+  if (in_place) {
+    std::vector<std::pair<std::string, at::Tensor>> state;
+    for (const auto& [name, group] : {std::pair{"start", &start}, {"momentum", &momentum}, {"weights", &weights}}) {
+      for (int64_t l = 0; l < L; ++l) state.emplace_back(std::string(name) + "[" + std::to_string(l) + "]", (*group)[l]);
+    }
+    check_in_place(kOp, state);
+  }
+  // in place: the outputs are the inputs (the shared arithmetic reads each entry before it writes it)
   std::vector<at::Tensor> G_in, S_in, M_in, G_out, S_out, M_out;
   for (int64_t l = 0; l < L; ++l) {
     G_in.push_back(f32(start[l]));
     S_in.push_back(f32(momentum[l]));
     M_in.push_back(f32(weights[l]));
-    for (auto* out : {&G_out, &S_out, &M_out}) out->push_back(at::empty({N, H, dims[l], dims[l + 1]}, opts));
+    for (auto [out, in] : {std::pair{&G_out, &G_in}, {&S_out, &S_in}, {&M_out, &M_in}}) {
+      out->push_back(in_place ? in->back() : at::empty({N, H, dims[l], dims[l + 1]}, opts));
+    }
   }
   at::Tensor o = at::empty({N, H, V}, opts);  // [N, H, V]
   std::vector<int64_t> x_off{0}, z_off{0};     // offsets of x_l (d_l) and z_l (d_{l+1}) in the scratch

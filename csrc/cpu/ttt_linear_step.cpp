@@ -20,7 +20,7 @@ std::vector<at::Tensor> ttt_linear_step(const at::Tensor& q, const at::Tensor& k
                                         const at::Tensor& eta, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
                                         const at::Tensor& scale, const at::Tensor& W, const at::Tensor& b,
                                         const at::Tensor& sum_W, const at::Tensor& sum_b, const at::Tensor& position,
-                                        bool use_ln, bool use_residual, bool use_bias) {
+                                        bool use_ln, bool use_residual, bool use_bias, bool in_place) {
   check_float_cpu(kOp, "q", q, 3, {}, "N, H, K");
   const int64_t N = q.size(0), H = q.size(1), K = q.size(2);
   check_float_cpu(kOp, "k", k, 3, {N, H, K}, "N, H, K");
@@ -44,9 +44,12 @@ std::vector<at::Tensor> ttt_linear_step(const at::Tensor& q, const at::Tensor& k
   const at::Tensor sb32 = f32(sum_b);
   const auto opts = q.options().dtype(at::kFloat);
   at::Tensor o = at::empty({N, H, K}, opts);               // [N, H, K]
-  at::Tensor W_out = at::empty({N, H, K, K}, opts);        // [N, H, K, K]
-  at::Tensor S_out = at::empty({N, H, K, K}, opts);        // [N, H, K, K]
-  at::Tensor b_out = b32.clone(), sb_out = sb32.clone();  // [N, H, K]: unchanged without bias
+  if (in_place) check_in_place(kOp, {{"W", W}, {"b", b}, {"sum_W", sum_W}, {"sum_b", sum_b}});
+  // in place the outputs are the inputs: each entry is read before it is written
+  at::Tensor W_out = in_place ? W32 : at::empty({N, H, K, K}, opts);  // [N, H, K, K]
+  at::Tensor S_out = in_place ? S32 : at::empty({N, H, K, K}, opts);  // [N, H, K, K]
+  at::Tensor b_out = in_place ? b32 : b32.clone();                    // [N, H, K]: unchanged without bias
+  at::Tensor sb_out = in_place ? sb32 : sb32.clone();                 // [N, H, K]
   const float *qp = q32.data_ptr<float>(), *kp = k32.data_ptr<float>(), *vp = v32.data_ptr<float>();
   const float *ep = e32.data_ptr<float>(), *gp = g32.data_ptr<float>(), *bep = be32.data_ptr<float>();
   const float *sp = s32.data_ptr<float>(), *Wp = W32.data_ptr<float>(), *bp = b32.data_ptr<float>();

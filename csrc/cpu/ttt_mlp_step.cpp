@@ -21,7 +21,7 @@ std::vector<at::Tensor> ttt_mlp_step(const at::Tensor& q, const at::Tensor& k, c
                                      const at::Tensor& scale, const at::Tensor& W1, const at::Tensor& b1,
                                      const at::Tensor& W2, const at::Tensor& b2, const at::Tensor& sum_W1,
                                      const at::Tensor& sum_b1, const at::Tensor& sum_W2, const at::Tensor& sum_b2,
-                                     const at::Tensor& position, bool use_ln, bool use_residual) {
+                                     const at::Tensor& position, bool use_ln, bool use_residual, bool in_place) {
   check_float_cpu(kOp, "q", q, 3, {}, "N, H, K");
   const int64_t N = q.size(0), H = q.size(1), K = q.size(2);
   check_float_cpu(kOp, "k", k, 3, {N, H, K}, "N, H, K");
@@ -48,12 +48,17 @@ std::vector<at::Tensor> ttt_mlp_step(const at::Tensor& q, const at::Tensor& k, c
   // fp32 contiguous copies (none when already so): the shared arithmetic reads raw fp32 rows
   const at::Tensor q32 = f32(q), k32 = f32(k), v32 = f32(v), e32 = f32(eta), g32 = f32(ln_weight);
   const at::Tensor be32 = f32(ln_bias), s32 = f32(scale);
+  if (in_place) {
+    check_in_place(kOp, {{"W1", W1}, {"b1", b1}, {"W2", W2}, {"b2", b2}, {"sum_W1", sum_W1}, {"sum_b1", sum_b1},
+                         {"sum_W2", sum_W2}, {"sum_b2", sum_b2}});
+  }
   std::vector<at::Tensor> state_in, state_out;  // W1, b1, W2, b2, then their sums
   const float* in_p[8];
   float* out_p[8];
   for (const at::Tensor* x : {&W1, &b1, &W2, &b2, &sum_W1, &sum_b1, &sum_W2, &sum_b2}) {
     state_in.push_back(f32(*x));
-    state_out.push_back(at::empty(x->sizes(), q.options().dtype(at::kFloat)));  // every entry is written
+    // every entry is written; in place the output is the input (each entry is read before it is written)
+    state_out.push_back(in_place ? state_in.back() : at::empty(x->sizes(), q.options().dtype(at::kFloat)));
     in_p[state_in.size() - 1] = state_in.back().data_ptr<float>();
     out_p[state_out.size() - 1] = state_out.back().data_ptr<float>();
   }

@@ -251,6 +251,8 @@ class MemoryAttention(_LinearAttentionLayer):
             return linear_attention(q, k, v, **kw)
         N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         beta = self.base_lr * gates[..., 0, :].to(q.dtype)  # [B, T, H]
+        # the cache's own state: a decoding step writes the next one over it
+        kw["update_state_in_place"] = initial_state is not None
         if self.memory == "ttt_linear":
             if initial_state is None:  # every sequence starts from the learnable weights (expanded, not copied)
                 kw["initial_state"] = (self.memory_W0.expand(N, H, D, D), self.memory_b0.expand(N, H, D))

@@ -88,6 +88,7 @@ class TitansMemory(_LinearAttentionLayer):
 
     def _run_op(self, q, k, v, x, initial_state, use_cache, cu_seqlens):
         N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        cached = initial_state is not None  # the cache's own state: a decoding step writes the next one over it
         if initial_state is None:  # every sequence starts from the learnable initial memory (expanded, not copied)
             initial_state = tuple(w.expand(N, *w.shape) for w in self.memory_weights)
         H = self.num_heads
@@ -98,5 +99,6 @@ class TitansMemory(_LinearAttentionLayer):
             q, k, v, theta, eta, alpha, normalize_step=self.normalize_step,
             ln_weight=getattr(self, "memory_norm_weight", None), ln_bias=getattr(self, "memory_norm_bias", None),
             chunk_size=self.chunk_size, initial_state=initial_state, output_final_state=use_cache,
-            cu_seqlens=cu_seqlens, use_ln=self.use_ln, use_residual=self.use_residual, backend=self.backend,
+            cu_seqlens=cu_seqlens, use_ln=self.use_ln, use_residual=self.use_residual, update_state_in_place=cached,
+            backend=self.backend,
         )

@@ -80,13 +80,14 @@ class TTTLinear(_LinearAttentionLayer):
 
     def _run_op(self, q, k, v, x, initial_state, use_cache, cu_seqlens):
         N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        cached = initial_state is not None  # the cache's own state: a decoding step writes the next one over it
         if initial_state is None:  # every sequence starts from the learnable initial weights
             initial_state = self._start_state(N)
         eta = self.base_lr / self.head_k_dim * torch.sigmoid(self.lr_proj(x))  # [B, T, H]
         return self._ttt(
             q, k, v, eta.to(q.dtype), ln_weight=self.ttt_norm_weight, ln_bias=self.ttt_norm_bias,
             token_scale=self.token_scale(), mini_batch_size=self.mini_batch_size, initial_state=initial_state,
-            output_final_state=use_cache, cu_seqlens=cu_seqlens, backend=self.backend,
+            output_final_state=use_cache, cu_seqlens=cu_seqlens, update_state_in_place=cached, backend=self.backend,
         )
 
     def _output(self, o, x):

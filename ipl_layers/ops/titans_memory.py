@@ -93,7 +93,8 @@ def as_state(initial_state, N: int, H: int, K: int, V: int, like: torch.Tensor) 
 
 def _check_inputs(q, k, v, theta, eta, alpha, ln_weight, ln_bias, chunk_size, depth, expand, initial_state,
                   cu_seqlens, use_residual):
-    """Checks every argument; returns N and the initial state as a TitansState (zeros where not given)."""
+    """Checks every argument; returns N and the initial state as a TitansState (zeros where not given; the
+    start weights of sequences at a chunk boundary as given: `_at_boundaries` sets them)."""
     B, T, H, K, V = check_qkv(q, k, v)
     for name, x in (("theta", theta), ("eta", eta), ("alpha", alpha)):
         check_tensor(name, x, 3, "B, T, H", like=q)
@@ -116,10 +117,20 @@ def _check_inputs(q, k, v, theta, eta, alpha, ln_weight, ln_bias, chunk_size, de
     if bool(((state.position < 0) | (state.position >= chunk_size)).any()):
         raise ValueError(f"initial_state position: expected values in [0, chunk_size = {chunk_size}), "
                          f"got {state.position.tolist()}")
-    # a sequence at a chunk boundary takes its next gradients at its weights: its start entries are not read
+    return N, state
+
+
+def _at_boundaries(state: TitansState, in_place: bool = False) -> TitansState:
+    """A sequence at a chunk boundary takes its next gradients at its weights (its start entries are not read):
+    the state with those start entries set to the weights, in new tensors or (`in_place`) over the start's."""
+    if in_place:
+        rows = (state.position == 0).nonzero().squeeze(-1)  # [n] sequences at a boundary
+        for s, w in zip(state.start, state.weights):
+            s.index_copy_(0, rows, w.index_select(0, rows))
+        return state
     boundary = (state.position == 0).view(-1, 1, 1, 1)
     start = [torch.where(boundary, w, s) for s, w in zip(state.start, state.weights)]
-    return N, TitansState.of(start, state.momentum, state.weights, state.position)
+    return TitansState.of(start, state.momentum, state.weights, state.position)
 
 
 def _ln_params(q, v, ln_weight, ln_bias):
@@ -153,6 +164,7 @@ def titans_memory_reference(
     in float64 when given float64 inputs."""
     N, init = _check_inputs(q, k, v, theta, eta, alpha, ln_weight, ln_bias, chunk_size, depth, expand,
                             initial_state, cu_seqlens, use_residual)
+    init = _at_boundaries(init)
     B, T, H, K = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     gamma, beta = (x.to(acc) for x in _ln_params(q, v, ln_weight, ln_bias))
@@ -224,6 +236,7 @@ def titans_memory(
     use_ln: bool = False,
     use_residual: bool = False,
     normalize_step: bool = False,
+    update_state_in_place: bool = False,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[TitansState]]:
     """The Titans memory's retrievals on q while it learns from (k, v); see the module docstring.
@@ -245,6 +258,10 @@ def titans_memory(
         use_ln, use_residual: the wrapper x + LN(MLP(x)) (the residual needs V == K).
         normalize_step: divide each token's theta by 1 + its loss's curvature along its gradient (module
             docstring): one step never removes more than theta of the token's error.
+        update_state_in_place: when the call is a fused C++ decoding step (below) and initial_state is a
+            `TitansState` of fp32, contiguous tensors that share no memory, write the new matrices over them
+            (the returned state holds them, and a new position) instead of allocating new ones: a cache's own state, decoded token
+            after token. Otherwise, or with the flag off, initial_state is left unchanged.
         backend: "torch" (the chunked form, the CPU path; one token per sequence without autograd runs the
             fused C++ step of `ipl_layers._C` when it is built) or "reference". Default: `IPL_BACKEND`, else
             "torch" on CPU; CUDA tensors need an explicit backend until the Triton kernels exist.
@@ -263,14 +280,20 @@ def titans_memory(
         )
     C = chunk_size
     if q.shape[1] == 1 and cu_seqlens is None:  # decoding: one token per sequence, no [C, C] grids
-        state, ln = (init.start, init.momentum, init.weights, init.position), _ln_params(q, v, ln_weight, ln_bias)
+        ln = _ln_params(q, v, ln_weight, ln_bias)
         tokens = (q[:, 0], k[:, 0], v[:, 0], theta[:, 0], eta[:, 0], alpha[:, 0])
-        if _ext.step_applies(q, init.weights[0], None, k, v, theta, eta, alpha, *ln, *init[:-1]):
-            o, (start, momentum, weights, position) = _ext.titans_step(*tokens, *ln, state, C, **flags)
-            o = o.to(v.dtype)  # the fused C++ step (fp32) on CPU without autograd
+        fused = _ext.step_applies(q, init.weights[0], None, k, v, theta, eta, alpha, *ln, *init[:-1])
+        in_place = update_state_in_place and fused and _ext.in_place_applies(init[:-1])
+        init = _at_boundaries(init, in_place)
+        state = (init.start, init.momentum, init.weights, init.position)
+        if fused:  # the fused C++ step (fp32) on CPU without autograd
+            o, (start, momentum, weights, position) = _ext.titans_step(*tokens, *ln, state, C, **flags,
+                                                                        in_place=in_place)
+            o = o.to(v.dtype)
         else:
             o, (start, momentum, weights, position) = chunk.step(*tokens, *ln, state, C, **flags)
         return o[:, None], (TitansState.of(start, momentum, weights, position) if output_final_state else None)
+    init = _at_boundaries(init)
     lengths = torch.diff(cu_seqlens.long()) if cu_seqlens is not None else init.position.new_full((N,), q.shape[1])
     ends = init.position + lengths.to(init.position.device)  # [N]: positions covered in the padded grid
     # padding rows: theta = 0, eta = 1, alpha = 0 and mask 0 leave S and M as they are; `position` rows in

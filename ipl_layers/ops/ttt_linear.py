@@ -247,13 +247,16 @@ def _decode_step(q, k, v, eta, gamma, beta, scale, init, flags):
     return o, state
 
 
-def _cpu_decode_step(q, k, v, eta, gamma, beta, scale, init, flags):
+def _cpu_decode_step(q, k, v, eta, gamma, beta, scale, init, flags, in_place):
     """One token per sequence through the C++ step; returns o [N, 1, H, K] and the new `TTTLinearState`
-    (b, sum_b zeros without bias, as the op's final state)."""
+    (b, sum_b zeros without bias, as the op's final state), written over init's tensors when `in_place` and
+    they allow it (`_ext.in_place_applies`)."""
     zeros = init.W.new_zeros(init.W.shape[:-1], dtype=torch.float32)  # [N, H, K]
     state = TTTLinearState(init.W, zeros if init.b is None else init.b, init.sum_W,
-                           zeros if init.sum_b is None else init.sum_b, init.position)
-    o, final = _ext.ttt_linear_step(q[:, 0], k[:, 0], v[:, 0], eta[:, 0], gamma, beta, scale, state, **flags)
+                           zeros.clone() if init.sum_b is None else init.sum_b, init.position)
+    in_place = in_place and _ext.in_place_applies(state[:4])
+    o, final = _ext.ttt_linear_step(q[:, 0], k[:, 0], v[:, 0], eta[:, 0], gamma, beta, scale, state, **flags,
+                                    in_place=in_place)
     return o[:, None].to(v.dtype), final
 
 
@@ -273,6 +276,7 @@ def ttt_linear(
     use_ln: bool = True,
     use_residual: bool = True,
     use_bias: bool = True,
+    update_state_in_place: bool = False,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[TTTLinearState]]:
     """TTT-Linear: the inner model's outputs on q while it learns from (k, v) by mini-batch GD.
@@ -291,6 +295,10 @@ def ttt_linear(
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
         use_ln, use_residual, use_bias: the inner model's LN, residual connection and bias.
+        update_state_in_place: when the call is a fused C++ decoding step (below) and initial_state is a
+            `TTTLinearState` of fp32, contiguous tensors that share no memory, write the new W, b and sums over
+            them (the returned state holds them, and a new position) instead of allocating new ones: a cache's
+            own state, decoded token after token. Otherwise, or with the flag off, initial_state is left unchanged.
         backend: "torch" (dual form, the CPU path; one token per sequence without autograd runs the fused C++
             step of `ipl_layers._C` when it is built), "triton" (the kernels: mini_batch_size in {16, 32, 64},
             K <= 64; one token per sequence without autograd runs the fused decode kernel) or "reference".
@@ -320,7 +328,8 @@ def ttt_linear(
     inputs = (q, k, v, eta, gamma, beta, scale, *init[:4])
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     if name == "torch" and _ext.step_applies(q, init.W, cu_seqlens, *inputs):  # decoding: the fused C++ step
-        o, final = _cpu_decode_step(q, k, v, eta, gamma, beta, scale, init, flags)
+        full = state is not None and state.position is not None  # an earlier call's state, not start weights
+        o, final = _cpu_decode_step(q, k, v, eta, gamma, beta, scale, init, flags, update_state_in_place and full)
         return o, (final if output_final_state else None)
     if name == "triton":
         if not _triton_supports(C, K):

@@ -200,6 +200,7 @@ def ttt_mlp(
     cu_seqlens: Optional[torch.Tensor] = None,
     use_ln: bool = True,
     use_residual: bool = True,
+    update_state_in_place: bool = False,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[TTTMLPState]]:
     """TTT-MLP: the inner MLP's outputs on q while it learns from (k, v) by mini-batch GD.
@@ -217,6 +218,10 @@ def ttt_mlp(
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
         use_ln, use_residual: the inner model's LN and residual connection.
+        update_state_in_place: when the call is a fused C++ decoding step (below) and initial_state is a
+            `TTTMLPState` of fp32, contiguous tensors that share no memory, write the new weights and sums over
+            them (the returned state holds them, and a new position) instead of allocating new ones: a cache's own state, decoded token
+            after token. Otherwise, or with the flag off, initial_state is left unchanged.
         backend: "torch" (dual form layer by layer, the CPU path; one token per sequence without autograd runs
             the fused C++ step of `ipl_layers._C` when it is built) or "reference". Default: `IPL_BACKEND`,
             else "torch" on CPU; CUDA tensors need an explicit backend until the Triton kernels exist.
@@ -240,7 +245,10 @@ def ttt_mlp(
     init = _full_state(q, state, N, Fd)
     if _ext.step_applies(q, init.W1, cu_seqlens, k, v, eta, gamma, beta, scale, *init[:8]):
         # decoding: one token per sequence through the fused C++ step (fp32), on CPU without autograd
-        o, final = _ext.ttt_mlp_step(q[:, 0], k[:, 0], v[:, 0], eta[:, 0], gamma, beta, scale, init, **flags)
+        full = state is not None and state.position is not None  # an earlier call's state, not start weights
+        in_place = update_state_in_place and full and _ext.in_place_applies(init[:8])
+        o, final = _ext.ttt_mlp_step(q[:, 0], k[:, 0], v[:, 0], eta[:, 0], gamma, beta, scale, init, **flags,
+                                     in_place=in_place)
         return o[:, None].to(v.dtype), (final if output_final_state else None)
     lengths = torch.diff(cu_seqlens.long()) if cu_seqlens is not None else init.position.new_full((N,), q.shape[1])
     ends = init.position + lengths.to(init.position.device)  # [N]: mini-batch positions covered

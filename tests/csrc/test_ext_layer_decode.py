@@ -1,5 +1,6 @@
 """Layers decoding on CPU with a cache under no_grad (what `generate()` does) go through the fused C++ steps
-(short conv, delta rule, TTT-Linear, TTT-MLP) and match the same decode with the extension switched off."""
+(short conv, delta rule, TTT-Linear, TTT-MLP, Titans) and match the same decode with the extension switched off;
+the TTT and Titans steps write the next state over the cache's own tensors, and a snapshot stays as it was."""
 
 import copy
 
@@ -8,7 +9,7 @@ import torch
 from helpers import assert_rel_rms
 
 from ipl_layers import _ext
-from ipl_layers.layers import DeltaNet, TTTLinear, TTTMLP
+from ipl_layers.layers import DeltaNet, MemoryAttention, TitansMemory, TTTLinear, TTTMLP
 
 # fp32 steps against the fp32 torch path over T = 20 decoded tokens (a TTT mini-batch of 8 commits twice);
 # measured <= 5.1e-7.
@@ -18,7 +19,8 @@ B, HIDDEN, HEADS, PREFILL, T = 2, 64, 4, 5, 20
 
 def decode(layer, cache, xs):
     with torch.no_grad():
-        return torch.cat([layer(xs[:, t:t + 1], past_key_values=cache, use_cache=True)[0] for t in range(T)], 1)
+        return torch.cat([layer(xs[:, t:t + 1], past_key_values=cache, use_cache=True)[0]
+                          for t in range(xs.shape[1])], 1)
 
 
 @pytest.mark.parametrize("make, steps", [
@@ -44,4 +46,32 @@ def test_layer_decode_uses_the_fused_steps_and_matches_eager(make, steps, monkey
     monkeypatch.setattr(_ext, "available", lambda: False)
     eager = decode(layer, eager_cache, xs)
     assert calls == steps, "the eager decode reached a fused step"
+    assert_rel_rms("decoded outputs", fused, eager, BOUND)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TTTLinear(HIDDEN, HEADS, mini_batch_size=8, layer_idx=0),
+    lambda: TTTMLP(HIDDEN, HEADS, mini_batch_size=8, layer_idx=0),
+    lambda: TitansMemory(HIDDEN, HEADS, chunk_size=8, layer_idx=0),
+    lambda: MemoryAttention(HIDDEN, HEADS, window_size=2, memory="titans", mini_batch_size=8, layer_idx=0),
+    lambda: MemoryAttention(HIDDEN, HEADS, window_size=2, memory="ttt_linear", mini_batch_size=8, layer_idx=0),
+], ids=["TTTLinear", "TTTMLP", "TitansMemory", "MemoryAttention-titans", "MemoryAttention-ttt_linear"])
+def test_decode_updates_the_cache_state_in_place_and_leaves_snapshots(make):
+    layer = make().eval()
+    with torch.no_grad():
+        _, _, cache = layer(torch.randn(B, PREFILL, HIDDEN), use_cache=True)
+    xs = torch.randn(B, T, HIDDEN)
+    eager_cache = copy.deepcopy(cache)
+    with torch.no_grad():  # the first step may allocate: a prefill's state can be views the step cannot write over
+        first = layer(xs[:, :1], past_key_values=cache, use_cache=True)[0]
+    snap = cache.snapshot()
+    kept = [x.clone() for x in snap[0]["recurrent_state"]]
+    before = [x.data_ptr() for x in cache[0]["recurrent_state"][:-1]]  # every tensor but the position
+    fused = torch.cat([first, decode(layer, cache, xs[:, 1:])], 1)
+    after = cache[0]["recurrent_state"]
+    assert [x.data_ptr() for x in after[:-1]] == before, "the decode allocated a new state"
+    assert all(torch.equal(x, y) for x, y in zip(snap[0]["recurrent_state"], kept)), "the snapshot changed"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_ext, "available", lambda: False)
+        eager = decode(layer, eager_cache, xs)
     assert_rel_rms("decoded outputs", fused, eager, BOUND)

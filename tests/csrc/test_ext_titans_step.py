@@ -8,6 +8,7 @@ from helpers import assert_rel_rms
 from ipl_layers import _ext
 from ipl_layers.ops import titans_memory
 from ipl_layers.ops.titans_memory import titans_memory_reference
+from ipl_layers.state import TitansState
 
 # fp32 state and accumulation (an MLP of depth <= 3 with F = 2 K = 40, exact GELU and its derivative, two LNs)
 # against the float64 reference after T = 8 tokens (2 chunk commits at C = 3); measured <= 8.9e-7 (depth 3).
@@ -71,6 +72,64 @@ def test_matches_the_torch_step_on_strided_bf16_inputs(flags, monkeypatch):
         assert_rel_rms(f"state[{i}]", x, r, BOUND)
 
 
+def _mid_chunk_state(weights, position):
+    """(start, momentum, weights, position): momentum, weights moved from the start weights, every sequence at
+    `position`."""
+    momentum = [0.1 * torch.randn_like(w) for w in weights]
+    current = [w + 0.1 * torch.randn_like(w) for w in weights]
+    return list(weights), momentum, current, torch.full((N,), position)
+
+
+@pytest.mark.parametrize("position", [1, C - 1], ids=["open", "chunk-end"])
+def test_in_place_writes_the_same_state_over_the_input(position):
+    inputs, ln, weights = make_sequence(2)
+    tokens = [x[:, 0] for x in inputs]
+    state = _mid_chunk_state(weights, position)
+    o_ref, new_ref = _ext.titans_step(*tokens, *ln.values(), state, C, normalize_step=True)
+    own = [[x.clone() for x in group] for group in state[:3]] + [state[3]]
+    o, new = _ext.titans_step(*tokens, *ln.values(), own, C, normalize_step=True, in_place=True)
+    assert torch.equal(o, o_ref)
+    for group, mine, ref in zip(new[:3], own[:3], new_ref[:3]):
+        for x, m, r in zip(group, mine, ref):
+            assert x.data_ptr() == m.data_ptr(), "not written in place"
+            assert torch.equal(m, r)
+    assert torch.equal(new[3], new_ref[3])
+
+
+@pytest.mark.parametrize("depth, change, match", [
+    (2, lambda s: ([s[0][0].transpose(2, 3).contiguous().transpose(2, 3), s[0][1]], *s[1:]),
+     r"start\[0\]: in_place needs a contiguous float32 tensor, got Float \(non-contiguous\)"),
+    (1, lambda s: (s[0], s[1], s[0], s[3]),  # the weights are the start weights' tensor
+     r"weights\[0\]: in_place needs state tensors that do not share memory, but it overlaps start\[0\]"),
+], ids=["strided", "aliased"])
+def test_in_place_refuses_states_it_cannot_write_over(depth, change, match):
+    inputs, ln, weights = make_sequence(depth)
+    with pytest.raises(ValueError, match=match):
+        _ext.titans_step(*(x[:, 0] for x in inputs), *ln.values(), change(_mid_chunk_state(weights, 1)), C,
+                         in_place=True)
+
+
+def test_op_updates_a_state_in_place_only_when_asked_and_it_can():
+    inputs, ln, weights = make_sequence(2)
+    tok = [x[:, :1] for x in inputs]
+    kw = dict(**ln, chunk_size=C, output_final_state=True, normalize_step=True, backend="torch")
+    with torch.no_grad():
+        # at a chunk boundary the start entries are not read: in place they are set to the weights
+        start, momentum, current, position = _mid_chunk_state(weights, 0)
+        state = TitansState.of(start, momentum, current, position)
+        o_ref, ref = titans_memory(*tok, initial_state=state, **kw)
+        own = TitansState(*(x.clone() for x in state))
+        o, new = titans_memory(*tok, initial_state=own, update_state_in_place=True, **kw)
+        assert torch.equal(o, o_ref)
+        assert all(x.data_ptr() == m.data_ptr() for x, m in zip(new[:-1], own[:-1]))
+        for x, r in zip(own[:-1], ref[:-1]):
+            assert torch.equal(x, r)
+        # weights given as a tuple (start, weights the same tensors, momentum zeros) are left as they are
+        before = [w.clone() for w in weights]
+        titans_memory(*tok, initial_state=weights, update_state_in_place=True, **kw)
+        assert all(torch.equal(w, b) for w, b in zip(weights, before))
+
+
 def test_op_keeps_the_differentiable_path_under_autograd(monkeypatch):
     inputs, ln, weights = make_sequence(2)
     monkeypatch.setattr(_ext, "titans_step", lambda *a, **kw: pytest.fail("autograd call reached the step"))
@@ -110,4 +169,4 @@ def _bad(**change):
 )
 def test_bad_inputs_raise_naming_the_argument(args, error, match):
     with pytest.raises(error, match=match):
-        _ext._require().titans_step(**args, use_ln=True, use_residual=True, normalize_step=False)
+        _ext._require().titans_step(**args, use_ln=True, use_residual=True, normalize_step=False, in_place=False)

@@ -97,6 +97,40 @@ def test_strided_inputs():
         assert torch.equal(x, r)
 
 
+@pytest.mark.parametrize("position", [0, C - 1], ids=["open", "commit"])
+def test_in_place_writes_the_same_state_over_the_input(position):
+    inputs, params, (W0, b0) = make_sequence(1)
+    args = (*(x[:, 0] for x in inputs), params["ln_weight"], params["ln_bias"], params["token_scale"])
+    state = TTTLinearState(W0, b0, 0.1 * torch.randn(N, H, K, K), 0.1 * torch.randn(N, H, K),
+                           torch.full((N,), position))
+    o_ref, new_ref = _ext.ttt_linear_step(*args, state)
+    own = TTTLinearState(*(x.clone() for x in state))
+    o, new = _ext.ttt_linear_step(*args, own, in_place=True)
+    assert torch.equal(o, o_ref)
+    for name, x, mine, r in zip(TTTLinearState._fields[:4], new, own, new_ref):
+        assert x.data_ptr() == mine.data_ptr(), f"{name}: not written in place"
+        assert torch.equal(mine, r), name
+    with pytest.raises(ValueError, match="sum_W: in_place needs state tensors that do not share memory, but it "
+                                         "overlaps W"):
+        _ext.ttt_linear_step(*args, state._replace(sum_W=state.W), in_place=True)
+
+
+def test_op_updates_a_state_in_place_only_when_asked_and_it_can():
+    inputs, params, (W0, b0) = make_sequence(1)
+    state = TTTLinearState(W0, b0, 0.1 * torch.randn(N, H, K, K), 0.1 * torch.randn(N, H, K), torch.tensor([1, 2]))
+    kw = dict(**params, mini_batch_size=C, output_final_state=True, backend="torch")
+    with torch.no_grad():
+        o_ref, ref = ttt_linear(*inputs, initial_state=state, **kw)
+        own = TTTLinearState(*(x.clone() for x in state))
+        o, new = ttt_linear(*inputs, initial_state=own, update_state_in_place=True, **kw)
+        assert torch.equal(o, o_ref)
+        for x, mine, r in zip(new[:4], own[:4], ref[:4]):
+            assert x.data_ptr() == mine.data_ptr() and torch.equal(mine, r)
+        before = [W0.clone(), b0.clone()]  # weights given as a tuple: the op's zero sums are its own, W0 is not
+        ttt_linear(*inputs, initial_state=(W0, b0), update_state_in_place=True, **kw)
+        assert torch.equal(W0, before[0]) and torch.equal(b0, before[1])
+
+
 def test_op_keeps_the_differentiable_path_under_autograd(monkeypatch):
     inputs, params, (W0, b0) = make_sequence(1)
     monkeypatch.setattr(_ext, "ttt_linear_step", lambda *a, **kw: pytest.fail("autograd call reached the step"))
@@ -134,4 +168,4 @@ def _bad(**change):
 )
 def test_bad_inputs_raise_naming_the_argument(args, error, match):
     with pytest.raises(error, match=match):
-        _ext._require().ttt_linear_step(**args, use_ln=True, use_residual=True, use_bias=True)
+        _ext._require().ttt_linear_step(**args, use_ln=True, use_residual=True, use_bias=True, in_place=False)

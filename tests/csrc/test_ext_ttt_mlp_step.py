@@ -119,6 +119,57 @@ def test_strided_inputs_and_no_aliasing():
         assert x.untyped_storage().data_ptr() != old.untyped_storage().data_ptr(), f"{name} aliases its input"
 
 
+@pytest.mark.parametrize("position", [0, C - 1], ids=["open", "commit"])
+def test_in_place_writes_the_same_state_over_the_input(position):
+    # the new state written over the state's own tensors (returned as they are) equals the out-of-place step's
+    args, state = _step_args()
+    state = state._replace(position=torch.full((N,), position))
+    o_ref, new_ref = _ext.ttt_mlp_step(*args, state)
+    own = TTTMLPState(*(x.clone() for x in state))
+    o, new = _ext.ttt_mlp_step(*args, own, in_place=True)
+    assert torch.equal(o, o_ref)
+    for name, x, mine, r in zip(TTTMLPState._fields[:8], new, own, new_ref):
+        assert x is mine or x.data_ptr() == mine.data_ptr(), f"{name}: not written in place"
+        assert torch.equal(mine, r), name
+    assert torch.equal(new.position, new_ref.position)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda s: s._replace(W1=s.W1.transpose(2, 3).contiguous().transpose(2, 3)),
+     r"W1: in_place needs a contiguous float32 tensor, got Float \(non-contiguous\)"),
+    (lambda s: s._replace(b2=s.b2.double()), "b2: in_place needs a contiguous float32 tensor, got Double"),
+    (lambda s: s._replace(sum_b1=s.b1), "sum_b1: in_place needs state tensors that do not share memory, but it "
+                                        "overlaps b1"),
+], ids=["strided", "float64", "aliased"])
+def test_in_place_refuses_states_it_cannot_write_over(change, match):
+    args, state = _step_args()
+    with pytest.raises(ValueError, match=match):
+        _ext.ttt_mlp_step(*args, change(state), in_place=True)
+
+
+def test_op_updates_a_state_in_place_only_when_asked_and_it_can(monkeypatch):
+    inputs, params, weights = make_sequence()
+    state = mid_mini_batch(weights)
+    tok = [x[:, :1] for x in inputs]
+    kw = dict(**params, mini_batch_size=C, output_final_state=True, backend="torch")
+    with torch.no_grad():
+        o_ref, ref = ttt_mlp(*tok, initial_state=state, **kw)
+        own = TTTMLPState(*(x.clone() for x in state))
+        o, new = ttt_mlp(*tok, initial_state=own, update_state_in_place=True, **kw)
+        assert torch.equal(o, o_ref)
+        assert all(x.data_ptr() == mine.data_ptr() for x, mine in zip(new[:8], own[:8]))
+        assert_states_close(TTTMLPState(*own[:8], new.position), ref)  # the position is a new [N] tensor
+        # a state the step cannot write over (one weight shared by the whole batch) is left as it is
+        shared = TTTMLPState(state.W1[:1].expand(N, -1, -1, -1), *state[1:])
+        before = [x.clone() for x in shared]
+        ttt_mlp(*tok, initial_state=shared, update_state_in_place=True, **kw)
+        assert all(torch.equal(x, b) for x, b in zip(shared, before))
+        # nor are start weights given as a tuple (not an earlier call's state)
+        before = [w.clone() for w in weights]
+        ttt_mlp(*tok, initial_state=weights, update_state_in_place=True, **kw)
+        assert all(torch.equal(w, b) for w, b in zip(weights, before))
+
+
 def test_commit_zeroes_the_sums():
     # position C - 1: this token closes the mini-batch, so the new sums are zero and the position wraps to 0
     args, state = _step_args()
@@ -169,4 +220,4 @@ def _bad(**change):
 )
 def test_bad_inputs_raise_naming_the_argument(args, error, match):
     with pytest.raises(error, match=match):
-        _ext._require().ttt_mlp_step(**args, use_ln=True, use_residual=True)
+        _ext._require().ttt_mlp_step(**args, use_ln=True, use_residual=True, in_place=False)
