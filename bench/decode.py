@@ -3,7 +3,7 @@ step against eager torch (the same call with the extension switched off) side by
 
     python bench/decode.py --out bench/results/decode          # B = 1 and 16, H = 4, K = V = 64
     python bench/decode.py --batch 1 --K 8 --min-run-time 0.01  # smoke
-    python bench/decode.py --only ttt_mlp TTTMLP --out bench/results/decode_ttt_mlp  # some cases
+    python bench/decode.py --only ttt_mlp TTTMLP --out /tmp/decode_ttt_mlp         # some cases
 
 Per case: median seconds per step, one token of each of the B sequences (`torch.utils.benchmark`), tokens/s
 (B / median) and the eager/fused ratio; the fused output is checked against the eager one first. Layers
