@@ -66,17 +66,19 @@ def linear_attention_step(
     g: Optional[torch.Tensor],
     state: torch.Tensor,
     scale: Optional[float] = None,
+    in_place: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One linear-attention decoding step on CPU (csrc/common/linear_attn_step.h).
 
     q, k [B, H, K]; v [B, H, V]; g None, [B, H] (scalar) or [B, H, K] (per-key) log-decay;
     state [B, H, K, V] fp32. `scale` defaults to K ** -0.5.
     Returns (o [B, H, V] fp32, new_state [B, H, K, V] fp32) with new_state = D state + k^T v and
-    o = scale * q new_state; `state` is left unchanged.
+    o = scale * q new_state; `state` is left unchanged, or with `in_place` (state fp32, contiguous) overwritten by
+    new_state, which is then `state` itself.
     """
     ext = _require()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return ext.linear_attention_step(q, k, v, g, state, scale)
+    return ext.linear_attention_step(q, k, v, g, state, scale, in_place)
 
 
 def delta_rule_step(
@@ -87,16 +89,18 @@ def delta_rule_step(
     g: Optional[torch.Tensor],
     state: torch.Tensor,
     scale: Optional[float] = None,
+    in_place: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One (gated) delta-rule decoding step on CPU (csrc/common/delta_rule_step.h).
 
     q, k [B, H, K]; v [B, H, V]; beta [B, H]; g None or [B, H] log-decay; state [B, H, K, V] fp32. `scale`
     defaults to K ** -0.5. Returns (o [B, H, V] fp32, new_state [B, H, K, V] fp32) with a = exp(g),
-    new_state = a state + beta k^T (v - a k state) and o = scale * q new_state; `state` is left unchanged.
+    new_state = a state + beta k^T (v - a k state) and o = scale * q new_state; `state` is left unchanged, or with
+    `in_place` (state fp32, contiguous) overwritten by new_state, which is then `state` itself.
     """
     ext = _require()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return ext.delta_rule_step(q, k, v, beta, g, state, scale)
+    return ext.delta_rule_step(q, k, v, beta, g, state, scale, in_place)
 
 
 def short_conv_step(
@@ -105,14 +109,16 @@ def short_conv_step(
     bias: Optional[torch.Tensor],
     state: torch.Tensor,
     silu: bool,
+    in_place: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One short-conv decoding step on CPU (csrc/common/short_conv_step.h).
 
     x [B, D]; weight [D, W]; bias None or [D]; state [B, D, W-1] (the last W-1 inputs, oldest first).
     Returns (y [B, D] fp32, new_state [B, D, W-1] fp32) with y = act(bias + sum_w weight[:, w] [state, x][w])
-    and new_state the last W-1 inputs after x; `state` is left unchanged.
+    and new_state the last W-1 inputs after x; `state` is left unchanged, or with `in_place` (state fp32,
+    contiguous) overwritten by new_state, which is then `state` itself.
     """
-    return _require().short_conv_step(x, weight, bias, state, silu)
+    return _require().short_conv_step(x, weight, bias, state, silu, in_place)
 
 
 def ttt_linear_step(q, k, v, eta, ln_weight, ln_bias, scale, state, use_ln=True, use_residual=True, use_bias=True,

@@ -7,15 +7,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ipl-layers C++ CPU ops";
   m.def("linear_attention_step", &ipl::linear_attention_step,
         "One linear-attention decoding step: (o [B, H, V] fp32, new_state [B, H, K, V] fp32)", py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("g"), py::arg("state"), py::arg("scale"),
+        py::arg("k"), py::arg("v"), py::arg("g"), py::arg("state"), py::arg("scale"), py::arg("in_place"),
         py::call_guard<py::gil_scoped_release>());
   m.def("delta_rule_step", &ipl::delta_rule_step,
         "One (gated) delta-rule decoding step: (o [B, H, V] fp32, new_state [B, H, K, V] fp32)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("beta"), py::arg("g"), py::arg("state"), py::arg("scale"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("in_place"), py::call_guard<py::gil_scoped_release>());
   m.def("short_conv_step", &ipl::short_conv_step,
         "One short-conv decoding step: (y [B, D] fp32, new_state [B, D, W-1] fp32)", py::arg("x"), py::arg("weight"),
-        py::arg("bias"), py::arg("state"), py::arg("silu"), py::call_guard<py::gil_scoped_release>());
+        py::arg("bias"), py::arg("state"), py::arg("silu"), py::arg("in_place"), py::call_guard<py::gil_scoped_release>());
   m.def("ttt_linear_step", &ipl::ttt_linear_step,
         "One TTT-Linear decoding step: [o [N, H, K] fp32, W, b, sum_W, sum_b (fp32), position]", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("eta"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("scale"),

@@ -18,7 +18,7 @@ constexpr const char* kOp = "delta_rule_step";
 
 std::tuple<at::Tensor, at::Tensor> delta_rule_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& beta, const std::optional<at::Tensor>& g,
-                                                   const at::Tensor& state, double scale) {
+                                                   const at::Tensor& state, double scale, bool in_place) {
   check_float_cpu(kOp, "q", q, 3, {}, "B, H, K");
   check_float_cpu(kOp, "v", v, 3, {}, "B, H, V");
   const int64_t B = q.size(0), H = q.size(1), K = q.size(2), V = v.size(2);
@@ -37,7 +37,9 @@ std::tuple<at::Tensor, at::Tensor> delta_rule_step(const at::Tensor& q, const at
   const at::Tensor v32 = v.to(at::kFloat).contiguous(), b32 = beta.to(at::kFloat).contiguous();
   const at::Tensor s_in = state.contiguous();
   at::Tensor o = at::empty({B, H, V}, q.options().dtype(at::kFloat));         // [B, H, V]
-  at::Tensor s_out = at::empty({B, H, K, V}, q.options().dtype(at::kFloat));  // [B, H, K, V]
+  if (in_place) check_in_place(kOp, {{"state", state}});
+  // in place the new state is written over the input (a column is read whole before any of it is written)
+  at::Tensor s_out = in_place ? s_in : at::empty({B, H, K, V}, q.options().dtype(at::kFloat));  // [B, H, K, V]
   const float* qp = q32.data_ptr<float>();
   const float* kp = k32.data_ptr<float>();
   const float* vp = v32.data_ptr<float>();

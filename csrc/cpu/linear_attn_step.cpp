@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 
 #include "common/linear_attn_step.h"
+#include "cpu/checks.h"
 #include "cpu/ops.h"
 
 namespace ipl {
@@ -26,7 +27,7 @@ void check_shape(const char* name, const at::Tensor& x, at::IntArrayRef expected
 
 std::tuple<at::Tensor, at::Tensor> linear_attention_step(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const std::optional<at::Tensor>& g,
-                                                         const at::Tensor& state, double scale) {
+                                                         const at::Tensor& state, double scale, bool in_place) {
   check_float_cpu("q", q);
   check_float_cpu("k", k);
   check_float_cpu("v", v);
@@ -63,7 +64,9 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_step(const at::Tensor& q, co
   const at::Tensor q32 = q.to(at::kFloat).contiguous(), k32 = k.to(at::kFloat).contiguous();
   const at::Tensor v32 = v.to(at::kFloat).contiguous(), s_in = state.contiguous();
   at::Tensor o = at::empty({B, H, V}, q.options().dtype(at::kFloat));               // [B, H, V]
-  at::Tensor s_out = at::empty({B, H, K, V}, q.options().dtype(at::kFloat));        // [B, H, K, V]
+  if (in_place) check_in_place("linear_attention_step", {{"state", state}});
+  // in place the new state is written over the input (every entry is read before it is written)
+  at::Tensor s_out = in_place ? s_in : at::empty({B, H, K, V}, q.options().dtype(at::kFloat));  // [B, H, K, V]
 
   const float* qp = q32.data_ptr<float>();
   const float* kp = k32.data_ptr<float>();

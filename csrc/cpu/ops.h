@@ -11,24 +11,27 @@ namespace ipl {
 
 // One decoding step of linear attention; see csrc/common/linear_attn_step.h for the math.
 // q, k [B, H, K]; v [B, H, V]; g None, [B, H] or [B, H, K] (log-decay); state [B, H, K, V] fp32.
-// Returns (o [B, H, V] fp32, new_state [B, H, K, V] fp32); `state` is not modified.
+// Returns (o [B, H, V] fp32, new_state [B, H, K, V] fp32); `state` is not modified, except with in_place (state
+// fp32 and contiguous): new_state is written over it and returned.
 std::tuple<at::Tensor, at::Tensor> linear_attention_step(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const std::optional<at::Tensor>& g,
-                                                         const at::Tensor& state, double scale);
+                                                         const at::Tensor& state, double scale, bool in_place);
 
 // One decoding step of the (gated) delta rule; see csrc/common/delta_rule_step.h for the math.
 // q, k [B, H, K]; v [B, H, V]; beta [B, H]; g None or [B, H] (log-decay); state [B, H, K, V] fp32.
-// Returns (o [B, H, V] fp32, new_state [B, H, K, V] fp32); `state` is not modified.
+// Returns (o [B, H, V] fp32, new_state [B, H, K, V] fp32); `state` is not modified, except with in_place (state
+// fp32 and contiguous): new_state is written over it and returned.
 std::tuple<at::Tensor, at::Tensor> delta_rule_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& beta, const std::optional<at::Tensor>& g,
-                                                   const at::Tensor& state, double scale);
+                                                   const at::Tensor& state, double scale, bool in_place);
 
 // One decoding step of the short causal depthwise convolution; see csrc/common/short_conv_step.h for the math.
 // x [B, D]; weight [D, W]; bias None or [D]; state [B, D, W-1] (the last W-1 inputs, oldest first).
-// Returns (y [B, D] fp32, new_state [B, D, W-1] fp32), y through silu when `silu`; `state` is not modified.
+// Returns (y [B, D] fp32, new_state [B, D, W-1] fp32), y through silu when `silu`; `state` is not modified,
+// except with in_place (state fp32 and contiguous): new_state is written over it and returned.
 std::tuple<at::Tensor, at::Tensor> short_conv_step(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias, const at::Tensor& state,
-                                                   bool silu);
+                                                   bool silu, bool in_place);
 
 // One decoding step of TTT-Linear; see csrc/common/ttt_linear_step.h for the math.
 // q, k, v [N, H, K]; eta [N, H]; ln_weight, ln_bias [H, K]; scale [H, C] (the position scales s_1..s_C);

@@ -16,7 +16,7 @@ constexpr int64_t kGrain = 1024;  // channels per task: one channel is ~W fused 
 
 std::tuple<at::Tensor, at::Tensor> short_conv_step(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias, const at::Tensor& state,
-                                                   bool silu) {
+                                                   bool silu, bool in_place) {
   check_float_cpu(kOp, "x", x, 2, {}, "B, D");
   check_float_cpu(kOp, "weight", weight, 2, {}, "D, W");
   const int64_t B = x.size(0), D = x.size(1), W = weight.size(1);
@@ -32,7 +32,9 @@ std::tuple<at::Tensor, at::Tensor> short_conv_step(const at::Tensor& x, const at
   const at::Tensor x32 = x.to(at::kFloat).contiguous(), w32 = weight.to(at::kFloat).contiguous();
   const at::Tensor h_in = state.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({B, D}, x.options().dtype(at::kFloat));              // [B, D]
-  at::Tensor h_out = at::empty({B, D, W - 1}, x.options().dtype(at::kFloat));   // [B, D, W-1]
+  if (in_place) check_in_place(kOp, {{"state", state}});
+  // in place the new history is written over the input (each entry is read before it is written)
+  at::Tensor h_out = in_place ? h_in : at::empty({B, D, W - 1}, x.options().dtype(at::kFloat));  // [B, D, W-1]
   const float* xp = x32.data_ptr<float>();
   const float* wp = w32.data_ptr<float>();
   const float* bp = bias32.defined() ? bias32.data_ptr<float>() : nullptr;

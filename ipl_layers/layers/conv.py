@@ -45,14 +45,17 @@ class ShortConvolution(nn.Module):
         cache: Optional[torch.Tensor] = None,
         output_final_state: bool = False,
         cu_seqlens: Optional[torch.Tensor] = None,
+        update_state_in_place: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x [B, T, dim] (B == 1 with `cu_seqlens`); cache [N, dim, kernel_size - 1] or None.
+        """x [B, T, dim] (B == 1 with `cu_seqlens`); cache [N, dim, kernel_size - 1] or None;
+        `update_state_in_place`: a decoding step may write the new state over `cache` (`short_conv`).
 
         Returns y [B, T, dim] and, with `output_final_state`, the new state [N, dim, kernel_size - 1].
         """
         return short_conv(
             x, self.weight, self.bias, activation=self.activation, initial_state=cache,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=self.backend,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, update_state_in_place=update_state_in_place,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -57,7 +57,8 @@ class _DeltaRuleLayer(_LinearAttentionLayer):
         beta = torch.sigmoid(self.b_proj(x))  # [B, T, H] in (0, 1): with unit keys the state stays bounded
         return delta_rule(
             q, k, v, beta, self._log_decay(x), initial_state=initial_state, output_final_state=use_cache,
-            cu_seqlens=cu_seqlens, use_qk_l2norm=True, backend=self.backend,
+            cu_seqlens=cu_seqlens, use_qk_l2norm=True, update_state_in_place=initial_state is not None,
+            backend=self.backend,
         )
 
 

@@ -89,7 +89,7 @@ class _LinearAttentionLayer(nn.Module):
         override it."""
         return linear_attention(
             q, k, v, self._log_decay(x), initial_state=initial_state, output_final_state=use_cache,
-            cu_seqlens=cu_seqlens, backend=self.backend,
+            cu_seqlens=cu_seqlens, update_state_in_place=initial_state is not None, backend=self.backend,
         )
 
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -168,9 +168,11 @@ class _LinearAttentionLayer(nn.Module):
         conv_state = None
         if self.use_short_conv:
             cq, ck, cv = last.get("conv_state", (None, None, None))
-            q, cq = self.q_conv1d(q, cache=cq, output_final_state=use_cache, cu_seqlens=cu_seqlens)
-            k, ck = self.k_conv1d(k, cache=ck, output_final_state=use_cache, cu_seqlens=cu_seqlens)
-            v, cv = self.v_conv1d(v, cache=cv, output_final_state=use_cache, cu_seqlens=cu_seqlens)
+            # the cache's own states: a decoding step writes the next ones over them
+            conv = dict(output_final_state=use_cache, cu_seqlens=cu_seqlens, update_state_in_place=cq is not None)
+            q, cq = self.q_conv1d(q, cache=cq, **conv)
+            k, ck = self.k_conv1d(k, cache=ck, **conv)
+            v, cv = self.v_conv1d(v, cache=cv, **conv)
             conv_state = (cq, ck, cv) if use_cache else None
         q = q.unflatten(-1, (self.num_heads, self.head_k_dim))  # [B, T, H, K]
         k = k.unflatten(-1, (self.num_heads, self.head_k_dim))  # [B, T, H, K]

@@ -74,7 +74,8 @@ class Mamba2(_LinearAttentionLayer):
         g = -self.A_log.to(dtype).exp() * dt  # [B, T, H] <= 0
         o, state = linear_attention(
             q, k * dt[..., None].to(k.dtype), v, g, scale=1.0, initial_state=initial_state,
-            output_final_state=use_cache, cu_seqlens=cu_seqlens, backend=self.backend,
+            output_final_state=use_cache, cu_seqlens=cu_seqlens, update_state_in_place=initial_state is not None,
+            backend=self.backend,
         )
         return o + self.D.to(v.dtype)[:, None] * v, state  # [B, T, H, P]
 

@@ -239,8 +239,9 @@ class MemoryAttention(_LinearAttentionLayer):
         H, D = self.num_heads, self.head_k_dim
         k, v = (y.unflatten(-1, (H, D)).to(q.dtype) for y in written[..., : 2 * H * D].split(H * D, -1))
         q = q.unflatten(-1, (H, D))  # [B, T, H, D]
+        # the cache's own state (when given): a decoding step writes the next one over it
         kw = dict(initial_state=initial_state, output_final_state=use_cache, cu_seqlens=cu_seqlens,
-                  backend=self.backend)
+                  update_state_in_place=initial_state is not None, backend=self.backend)
         gates = written[..., 2 * H * D:].unflatten(-1, (-1, H))  # [B, T, G, H]: beta, then g or eta, alpha
         if self.memory in ("gated_deltanet", "delta_rule"):
             g = gates[..., 1, :] if self.memory == "gated_deltanet" else None
@@ -251,8 +252,6 @@ class MemoryAttention(_LinearAttentionLayer):
             return linear_attention(q, k, v, **kw)
         N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         beta = self.base_lr * gates[..., 0, :].to(q.dtype)  # [B, T, H]
-        # the cache's own state: a decoding step writes the next one over it
-        kw["update_state_in_place"] = initial_state is not None
         if self.memory == "ttt_linear":
             if initial_state is None:  # every sequence starts from the learnable weights (expanded, not copied)
                 kw["initial_state"] = (self.memory_W0.expand(N, H, D, D), self.memory_b0.expand(N, H, D))

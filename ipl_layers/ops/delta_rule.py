@@ -155,6 +155,7 @@ def delta_rule(
     cu_seqlens: Optional[torch.Tensor] = None,
     use_qk_l2norm: bool = False,
     chunk_size: int = 64,
+    update_state_in_place: bool = False,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The delta rule (DeltaNet), with optional scalar log-decay `g` (Gated DeltaNet).
@@ -170,6 +171,9 @@ def delta_rule(
             backends then take them back to q's dtype).
         chunk_size: chunk length of the chunked paths (the Triton kernels round it up to a power of two
             within [16, 64]).
+        update_state_in_place: when the call is a fused C++ decoding step (below) and initial_state is fp32 and
+            contiguous, write the new state over it (the returned state is initial_state itself) instead of
+            allocating one: a cache's own state, decoded token after token. Otherwise initial_state is unchanged.
         backend: "torch" (chunked, the CPU path), "triton" (chunked kernels, or the fused recurrent kernel
             when T < chunk_size), "triton_chunk", "triton_recurrent", or "reference".
             Default: `IPL_BACKEND`, else "triton" on CUDA and "torch" elsewhere.
@@ -196,8 +200,9 @@ def delta_rule(
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     if _ext.step_applies(q, initial_state, cu_seqlens, k, v, beta, g):
+        in_place = update_state_in_place and _ext.in_place_applies([initial_state])
         o, final = _ext.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],
-                                        initial_state.float(), scale)
+                                        initial_state.float(), scale, in_place)
         return o[:, None].to(v.dtype), (final if output_final_state else None)
     (qp, kp, vp, betap, gp), unpad = pad_sequences([q, k, v, beta, g], cu_seqlens, chunk_size)  # beta 0: no update
     inputs = (qp, kp, vp, betap, gp, initial_state)

@@ -130,9 +130,10 @@ def _linear_attention_torch(q, k, v, g, scale, initial_state, output_final_state
     return unpad(o), final
 
 
-def _linear_attention_cpu_step(q, k, v, g, scale, initial_state, output_final_state):
+def _linear_attention_cpu_step(q, k, v, g, scale, initial_state, output_final_state, in_place):
     step_g = None if g is None else g[:, 0]  # [B, H] or [B, H, K]
-    o, final = _ext.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], step_g, initial_state.float(), scale)
+    in_place = in_place and _ext.in_place_applies([initial_state])
+    o, final = _ext.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], step_g, initial_state.float(), scale, in_place)
     return o[:, None].to(v.dtype), (final if output_final_state else None)
 
 
@@ -147,6 +148,7 @@ def linear_attention(
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
+    update_state_in_place: bool = False,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Linear attention with optional scalar or per-key log-decay `g`.
@@ -158,6 +160,9 @@ def linear_attention(
         output_final_state: also return the state after the last token, fp32 [N, H, K, V].
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
         chunk_size: chunk length of the chunked paths.
+        update_state_in_place: when the call is a fused C++ decoding step (below) and initial_state is fp32 and
+            contiguous, write the new state over it (the returned state is initial_state itself) instead of
+            allocating one: a cache's own state, decoded token after token. Otherwise initial_state is unchanged.
         backend: "torch" (chunked, the CPU path; a single decoding step without autograd runs the C++
             extension's fused step when it is built), "triton" (chunked kernels, or the fused recurrent
             kernel when T < chunk_size), "triton_chunk", "triton_recurrent", or "reference".
@@ -176,7 +181,8 @@ def linear_attention(
         )
     if name == "torch":
         if _ext.step_applies(q, initial_state, cu_seqlens, k, v, g):
-            return _linear_attention_cpu_step(q, k, v, g, scale, initial_state, output_final_state)
+            return _linear_attention_cpu_step(q, k, v, g, scale, initial_state, output_final_state,
+                                              update_state_in_place)
         return _linear_attention_torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     recurrent = name == "triton_recurrent" or (name == "triton" and q.shape[1] < chunk_size)
     return LinearAttentionTritonFunction.apply(

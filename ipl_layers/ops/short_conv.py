@@ -173,6 +173,7 @@ def short_conv(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
+    update_state_in_place: bool = False,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Short causal depthwise convolution with optional bias and silu.
@@ -187,6 +188,9 @@ def short_conv(
         output_final_state: also return the last W-1 inputs of each sequence, [N, D, W-1] (fp32,
             float64 for float64 inputs).
         cu_seqlens: [N+1] offsets of sequences packed along T (requires B == 1); empty ones allowed.
+        update_state_in_place: when the call is a fused C++ decoding step (below) and initial_state is fp32 and
+            contiguous, write the new state over it (the returned state is initial_state itself) instead of
+            allocating one: a cache's own state, decoded token after token. Otherwise initial_state is unchanged.
         backend: "torch" (a tap loop, the CPU path; one token with a state and no autograd runs the
             fused C++ step of `ipl_layers._C` when it is built), "triton" (forward/backward kernels, the fused
             decode kernel for T == 1 with a state), or "reference".
@@ -204,7 +208,8 @@ def short_conv(
         )
     if name == "torch":
         if _ext.step_applies(x, initial_state, cu_seqlens, weight, bias):  # decoding: the fused C++ step
-            y, final = _ext.short_conv_step(x[:, 0], weight, bias, initial_state, activation == "silu")
+            in_place = update_state_in_place and _ext.in_place_applies([initial_state])
+            y, final = _ext.short_conv_step(x[:, 0], weight, bias, initial_state, activation == "silu", in_place)
             return y[:, None].to(x.dtype), (final if output_final_state else None)
         return _short_conv_torch(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
     return ShortConvTritonFunction.apply(x, weight, bias, initial_state, cu_seqlens, activation, output_final_state)

@@ -9,7 +9,7 @@ import torch
 from helpers import assert_rel_rms
 
 from ipl_layers import _ext
-from ipl_layers.layers import DeltaNet, MemoryAttention, TitansMemory, TTTLinear, TTTMLP
+from ipl_layers.layers import DeltaNet, GatedLinearAttention, MemoryAttention, TitansMemory, TTTLinear, TTTMLP
 
 # fp32 steps against the fp32 torch path over T = 20 decoded tokens (a TTT mini-batch of 8 commits twice);
 # measured <= 5.1e-7.
@@ -49,13 +49,30 @@ def test_layer_decode_uses_the_fused_steps_and_matches_eager(make, steps, monkey
     assert_rel_rms("decoded outputs", fused, eager, BOUND)
 
 
+def floating_states(cache):
+    """Every floating tensor of layer 0's recurrent and conv states, in order (positions left out; a memory
+    attention's window of keys/values and its queue of writes are not fast weights: they shift each step)."""
+    out = []
+    for name, value in cache[0].items():
+        if name not in ("recurrent_state", "conv_state"):
+            continue
+        for t in value if isinstance(value, tuple) else (value,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                out.append(t)
+    return out
+
+
 @pytest.mark.parametrize("make", [
+    lambda: DeltaNet(HIDDEN, HEADS, layer_idx=0),
+    lambda: GatedLinearAttention(HIDDEN, HEADS, use_short_conv=True, layer_idx=0),
     lambda: TTTLinear(HIDDEN, HEADS, mini_batch_size=8, layer_idx=0),
     lambda: TTTMLP(HIDDEN, HEADS, mini_batch_size=8, layer_idx=0),
     lambda: TitansMemory(HIDDEN, HEADS, chunk_size=8, layer_idx=0),
     lambda: MemoryAttention(HIDDEN, HEADS, window_size=2, memory="titans", mini_batch_size=8, layer_idx=0),
     lambda: MemoryAttention(HIDDEN, HEADS, window_size=2, memory="ttt_linear", mini_batch_size=8, layer_idx=0),
-], ids=["TTTLinear", "TTTMLP", "TitansMemory", "MemoryAttention-titans", "MemoryAttention-ttt_linear"])
+    lambda: MemoryAttention(HIDDEN, HEADS, window_size=2, layer_idx=0),
+], ids=["DeltaNet", "GLA-conv", "TTTLinear", "TTTMLP", "TitansMemory", "MemoryAttention-titans",
+        "MemoryAttention-ttt_linear", "MemoryAttention-gated_deltanet"])
 def test_decode_updates_the_cache_state_in_place_and_leaves_snapshots(make):
     layer = make().eval()
     with torch.no_grad():
@@ -65,12 +82,11 @@ def test_decode_updates_the_cache_state_in_place_and_leaves_snapshots(make):
     with torch.no_grad():  # the first step may allocate: a prefill's state can be views the step cannot write over
         first = layer(xs[:, :1], past_key_values=cache, use_cache=True)[0]
     snap = cache.snapshot()
-    kept = [x.clone() for x in snap[0]["recurrent_state"]]
-    before = [x.data_ptr() for x in cache[0]["recurrent_state"][:-1]]  # every tensor but the position
+    kept = [x.clone() for x in floating_states(snap)]
+    before = [x.data_ptr() for x in floating_states(cache)]
     fused = torch.cat([first, decode(layer, cache, xs[:, 1:])], 1)
-    after = cache[0]["recurrent_state"]
-    assert [x.data_ptr() for x in after[:-1]] == before, "the decode allocated a new state"
-    assert all(torch.equal(x, y) for x, y in zip(snap[0]["recurrent_state"], kept)), "the snapshot changed"
+    assert [x.data_ptr() for x in floating_states(cache)] == before, "the decode allocated a new state"
+    assert all(torch.equal(x, y) for x, y in zip(floating_states(snap), kept)), "the snapshot changed"
     with pytest.MonkeyPatch.context() as m:
         m.setattr(_ext, "available", lambda: False)
         eager = decode(layer, eager_cache, xs)
