@@ -20,8 +20,9 @@ def test_decode_bench_runs_and_writes_results(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     table = (tmp_path / "decode.md").read_text()
     for case in ("linear_attention g=per-key", "delta_rule gated", "short_conv", "ttt_linear", "ttt_mlp",
-                 "titans_memory", "GatedDeltaNet", "TTTLinear", "TTTMLP", "TitansMemory"):
+                 "titans_memory", "titans_memory depth=2 in place", "GatedDeltaNet", "TTTLinear", "TTTMLP",
+                 "TitansMemory"):
         assert case in table, f"{case} missing from the table"
     assert "Target (fused >= 5x eager per layer at B = 1):" in table
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
-    assert len(rows) == 16 and all(r["fused_ms"] > 0 and r["eager_ms"] > 0 for r in rows)
+    assert len(rows) == 19 and all(r["fused_ms"] > 0 and r["eager_ms"] > 0 for r in rows)
